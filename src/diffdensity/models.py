@@ -1,0 +1,222 @@
+"""One protocol for every model: ``score(x, t, **cond) -> Tensor`` (MATH.md s.2).
+
+Networks are trained to predict many things; :class:`ScoreModel` turns each into the
+score ``s(x, t) = grad_x log p_t(x)``. Plain callables ``fn(x, t, **cond)`` returning
+the score work too, wrapped with ``ScoreModel(fn, schedule)``.
+
+Shapes: ``x`` is ``(B, *event_shape)``; ``t`` a scalar or ``(B,)``; the score has the
+shape of ``x``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from .schedules import Schedule, ScheduleValues
+
+__all__ = [
+    "Model",
+    "ScoreModel",
+    "ClassifierFreeGuidance",
+    "NFE",
+    "PARAMETRIZATIONS",
+    "prediction_to_score",
+    "score_to_prediction",
+]
+
+PARAMETRIZATIONS = ("score", "eps", "x0", "v", "velocity", "edm")
+
+
+@runtime_checkable
+class Model(Protocol):
+    """What diffdensity needs of a model: a schedule and a batched score."""
+
+    schedule: Schedule
+
+    def score(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor: ...
+
+
+@dataclass
+class NFE:
+    """Network evaluations per sample, by kind of pass.
+
+    ``forward``: plain score evaluations. ``jvp`` / ``vjp``: Jacobian-vector and
+    vector-Jacobian passes (each also yields the score). One pass over a batch counts
+    once: these are per-sample counts.
+    """
+
+    forward: int = 0
+    jvp: int = 0
+    vjp: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.forward + self.jvp + self.vjp
+
+    def __str__(self) -> str:
+        return f"{self.forward} forward + {self.jvp} jvp + {self.vjp} vjp"
+
+
+def _check_parametrization(p: str) -> None:
+    if p not in PARAMETRIZATIONS:
+        raise ValueError(f"unknown parametrization {p!r}; expected one of {PARAMETRIZATIONS}")
+
+
+def broadcast_time(t: Tensor | float, x: Tensor) -> Tensor:
+    """``t`` as a ``(B,)`` tensor matching the batch of ``x`` (float64 kept if given)."""
+    t = torch.as_tensor(t, device=x.device)
+    if not t.is_floating_point():
+        t = t.to(torch.float64)
+    if t.ndim == 0:
+        return t.expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"t must be a scalar or of shape ({x.shape[0]},), got {tuple(t.shape)}")
+    return t
+
+
+def _bcast(v: ScheduleValues, x: Tensor) -> ScheduleValues:
+    return v.view(-1, *([1] * (x.ndim - 1)))
+
+
+def prediction_to_score(pred: Tensor, x: Tensor, v: ScheduleValues, parametrization: str) -> Tensor:
+    """Convert a network output to the score (MATH.md s.2).
+
+    ``v`` holds the schedule values at the batch's times, of shape ``(B,)``. For
+    ``"edm"``, ``pred`` is ``D(x / alpha; sigma / alpha)``.
+    """
+    _check_parametrization(parametrization)
+    v = _bcast(v, x)
+    a, s = v.alpha.to(x.dtype), v.sigma.to(x.dtype)
+    if parametrization == "score":
+        return pred
+    if parametrization == "eps":
+        return -pred / s
+    if parametrization in ("x0", "edm"):
+        return (a * pred - x) / s**2
+    if parametrization == "v":
+        eps = (s * x + a * pred) / (a**2 + s**2)
+        return -eps / s
+    # velocity = d alpha x0 + d sigma eps; solve with x = alpha x0 + sigma eps for eps
+    da, ds = v.d_alpha.to(x.dtype), v.d_sigma.to(x.dtype)
+    eps = (a * pred - da * x) / (a * ds - da * s)
+    return -eps / s
+
+
+def score_to_prediction(score: Tensor, x: Tensor, v: ScheduleValues, parametrization: str) -> Tensor:
+    """Inverse of :func:`prediction_to_score`: what a perfect network would output."""
+    _check_parametrization(parametrization)
+    v = _bcast(v, x)
+    a, s = v.alpha.to(x.dtype), v.sigma.to(x.dtype)
+    eps = -s * score
+    x0 = (x + s**2 * score) / a
+    if parametrization == "score":
+        return score
+    if parametrization == "eps":
+        return eps
+    if parametrization in ("x0", "edm"):
+        return x0
+    if parametrization == "v":
+        return a * eps - s * x0
+    return v.d_alpha.to(x.dtype) * x0 + v.d_sigma.to(x.dtype) * eps
+
+
+class ScoreModel:
+    """Wrap a network ``fn`` trained to predict ``parametrization`` as a score model.
+
+    ``fn(x, t, **cond)`` receives the schedule's own time ``t`` of shape ``(B,)``, except
+    for ``parametrization="edm"``, where it is the EDM denoiser ``D(x_ve, sigma_ve, **cond)``
+    on the variance-exploding input ``x_ve = x / alpha`` with ``sigma_ve = sigma / alpha``.
+
+    =============  ============================================================
+    ``score``      ``s`` itself
+    ``eps``        ``s = -eps_hat / sigma``
+    ``x0``         ``s = (alpha x0_hat - x) / sigma^2``
+    ``v``          ``v = alpha eps - sigma x0``
+    ``velocity``   ``v = alpha' x0 + sigma' eps`` (rectified flow: ``eps - x0``)
+    ``edm``        ``s = (D - x_ve) / (alpha sigma_ve^2)``
+    =============  ============================================================
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Tensor],
+        schedule: Schedule,
+        parametrization: str = "score",
+        *,
+        event_shape: tuple[int, ...] | None = None,
+    ):
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a diffdensity Schedule, got {type(schedule).__name__}")
+        _check_parametrization(parametrization)
+        self.fn, self.schedule, self.parametrization = fn, schedule, parametrization
+        self.event_shape = None if event_shape is None else tuple(event_shape)
+
+    def __repr__(self) -> str:
+        return f"ScoreModel({getattr(self.fn, '__name__', type(self.fn).__name__)}, {self.schedule!r}, {self.parametrization!r})"
+
+    def score(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
+        t = broadcast_time(t, x)
+        v = self.schedule(t)
+        if self.parametrization == "edm":
+            a = v.alpha.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+            pred = self.fn(x / a, (v.sigma / v.alpha).to(x.dtype), **cond)
+        else:
+            pred = self.fn(x, t.to(x.dtype), **cond)
+        if pred.shape != x.shape:
+            raise ValueError(f"network output has shape {tuple(pred.shape)}, expected {tuple(x.shape)}")
+        return prediction_to_score(pred, x, v, self.parametrization)
+
+
+class ClassifierFreeGuidance:
+    """``s = s_uncond + w (s_cond - s_uncond)`` in one batched call.
+
+    ``cond`` and ``uncond`` are the keyword arguments (tensors with a leading batch
+    dimension, or batch-independent values shared by both) for the two branches. The
+    keyword arguments given to :meth:`score` are passed to both.
+    """
+
+    def __init__(self, model: Model, scale: float, *, cond: dict[str, Any], uncond: dict[str, Any]):
+        if set(cond) != set(uncond):
+            raise ValueError(f"cond and uncond must have the same keys, got {sorted(cond)} and {sorted(uncond)}")
+        self.model, self.scale, self.cond, self.uncond = model, float(scale), cond, uncond
+        self.schedule = model.schedule
+        self.event_shape = getattr(model, "event_shape", None)
+
+    def score(self, x: Tensor, t: Tensor | float, **extra: Any) -> Tensor:
+        t = broadcast_time(t, x)
+        kwargs = {}
+        for k in self.cond:
+            c, u = self.cond[k], self.uncond[k]
+            if isinstance(c, Tensor):
+                if c.shape[:1] != u.shape[:1] and c.shape[0] == x.shape[0]:
+                    u = u.expand(x.shape[0], *u.shape[1:])
+                kwargs[k] = torch.cat([c, u])
+            else:
+                if c != u:
+                    raise ValueError(f"non-tensor conditioning {k!r} must be equal in cond and uncond")
+                kwargs[k] = c
+        s = self.model.score(torch.cat([x, x]), torch.cat([t, t]), **kwargs, **extra)
+        s_cond, s_uncond = s.chunk(2)
+        return s_uncond + self.scale * (s_cond - s_uncond)
+
+
+@dataclass
+class Counted:
+    """A model whose score calls are counted into ``nfe.forward``."""
+
+    model: Model
+    nfe: NFE = field(default_factory=NFE)
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.model.schedule
+
+    def score(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        self.nfe.forward += 1
+        return self.model.score(x, t, **cond)
