@@ -1,0 +1,176 @@
+"""Density guidance, prior guidance, typicality and score alignment against exact mixtures."""
+
+import math
+
+import pytest
+import torch
+
+import diffdensity as dd
+from diffdensity.alignment import score_alignment
+from diffdensity.divergence import Exact
+from diffdensity.dynamics import PFODE
+from diffdensity.guidance import DensityGuidedODE, chi_quantile, normal_quantile, rescale_latent
+from diffdensity.typicality import typicality
+
+
+def mixture(dim, k=3, seed=0, schedule=None, spread=(-2.0, 0.0)):
+    g = torch.Generator().manual_seed(seed)
+    return dd.GaussianMixture(
+        torch.randn(k, dim, generator=g, dtype=torch.float64) * 2,
+        torch.exp(torch.empty(k, dim, dtype=torch.float64).uniform_(*spread, generator=g)),
+        schedule=schedule or dd.VP(),
+        rotation=dd.random_rotation(dim, generator=g),
+    )
+
+
+# -- quantiles and prior guidance -------------------------------------------------------
+
+
+@pytest.mark.parametrize("q", [0.01, 0.3, 0.5, 0.9, 0.999])
+def test_chi_quantile_closed_forms(q):
+    # chi with 2 dof: P(r) = 1 - exp(-r^2/2); chi with 1 dof: |N(0,1)|
+    assert chi_quantile(q, 2) == pytest.approx(math.sqrt(-2 * math.log1p(-q)), rel=1e-12)
+    assert chi_quantile(q, 1) == pytest.approx(float(normal_quantile((1 + q) / 2)), rel=1e-10)
+
+
+def test_chi_quantile_matches_monte_carlo_in_high_dimension():
+    g = torch.Generator().manual_seed(0)
+    norms = torch.randn(20000, 3072, generator=g).norm(dim=1).double()
+    for q in (0.1, 0.5, 0.9):
+        emp = torch.quantile(norms, q)
+        # quantile standard error ~ sqrt(q(1-q)/n)/density; the chi density has width ~ 1/sqrt(2)
+        assert abs(chi_quantile(q, 3072) - float(emp)) < 0.03
+
+
+def test_rescale_latent_sets_norm():
+    sched = dd.VE(sigma_max=50.0)
+    x = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = rescale_latent(x, 0.7, sched)
+    norms = y.flatten(1).norm(dim=1)
+    assert torch.allclose(norms, torch.full_like(norms, 50.0 * chi_quantile(0.7, 48)), rtol=1e-12)
+    # direction unchanged
+    assert torch.allclose(y / norms[:, None, None, None], x / x.flatten(1).norm(dim=1)[:, None, None, None])
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, 1.5, float("nan")])
+def test_quantiles_out_of_range_raise(bad):
+    with pytest.raises(ValueError, match="q must lie strictly between 0 and 1"):
+        chi_quantile(bad, 10)
+    with pytest.raises(ValueError, match="q must lie strictly between 0 and 1"):
+        normal_quantile(bad)
+
+
+# -- DG-ODE dynamics --------------------------------------------------------------------
+
+
+def test_density_guidance_at_median_is_the_pf_ode():
+    gmm = mixture(8)
+    x = gmm.sample_t(6, 0.4, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor(0.4, dtype=torch.float64)
+    u_pf, r_pf = PFODE(gmm, divergence=Exact())(t, x)
+    u_dg, r_dg = DensityGuidedODE(gmm, q=0.5, divergence=Exact())(t, x)
+    assert torch.equal(u_pf, u_dg)
+    assert torch.allclose(r_pf, r_dg, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("q", [0.2, 0.8])
+def test_density_guidance_rate_is_the_quantile_rate(q):
+    """Tracked rate = b^q = -div u_PF - (1/2) g^2 sqrt(2D) Phi^-1(q) / sigma^2 (MATH s.4a)."""
+    dim = 16
+    gmm = mixture(dim)
+    x = gmm.sample_t(6, 0.5, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor(0.5, dtype=torch.float64)
+    sv = gmm.schedule(t)
+    dyn = DensityGuidedODE(gmm, q=q, divergence=Exact(), eta_cap=1e9)
+    u, rate = dyn(t, x)
+    div_u_pf = dim * sv.f - 0.5 * sv.g2 * gmm.laplacian(x, t)
+    b_q = -div_u_pf - 0.5 * sv.g2 * math.sqrt(2 * dim) * float(normal_quantile(q)) / sv.sigma**2
+    assert torch.allclose(rate, b_q, rtol=1e-10, atol=1e-8)
+    # and the drift is u_PF + k s with s . (u - u_PF) = rate + div u_PF
+    s = gmm.score(x, t)
+    u_pf = sv.f * x - 0.5 * sv.g2 * s
+    assert torch.allclose(((u - u_pf) * s).sum(1), rate + div_u_pf, rtol=1e-9, atol=1e-8)
+    assert not dyn.capped.any()
+
+
+def test_user_rate_is_achieved():
+    dim = 12
+    gmm = mixture(dim)
+    x = gmm.sample_t(4, 0.3, generator=torch.Generator().manual_seed(4))
+    t = torch.tensor(0.3, dtype=torch.float64)
+    dyn = DensityGuidedODE(gmm, rate=lambda x, t: torch.full((x.shape[0],), -3.0, dtype=torch.float64), divergence=Exact(), eta_cap=1e9)
+    _, rate = dyn(t, x)
+    assert torch.allclose(rate, torch.full_like(rate, -3.0), atol=1e-8)
+
+
+def test_eta_cap_keeps_tracking_consistent_and_flags_samples():
+    dim = 2
+    gmm = mixture(dim, spread=(-1.0, -0.5))
+    # points at the component means at low noise: |s| ~ 0, eta would explode
+    t = torch.tensor(0.05, dtype=torch.float64)
+    x = gmm.schedule(t).alpha * gmm.means[:2].clone()
+    dyn = DensityGuidedODE(gmm, q=0.9, divergence=Exact(), eta_cap=2.0)
+    u, rate = dyn(t, x)
+    assert dyn.capped.all()
+    sv = gmm.schedule(t)
+    s = gmm.score(x, t)
+    u_pf = sv.f * x - 0.5 * sv.g2 * s
+    div_u_pf = dim * sv.f - 0.5 * sv.g2 * gmm.laplacian(x, t)
+    # rate is the exact rate of the integrated (capped) drift: -div u_PF + s.(u - u_PF)
+    assert torch.allclose(rate, -div_u_pf + ((u - u_pf) * s).sum(1), rtol=1e-9, atol=1e-9)
+    with pytest.warns(RuntimeWarning, match="2 of 2 samples"):
+        dyn.warn_if_capped()
+
+
+def test_density_guidance_argument_errors():
+    gmm = mixture(4)
+    with pytest.raises(ValueError, match="exactly one of q"):
+        DensityGuidedODE(gmm)
+    with pytest.raises(ValueError, match="needs a divergence"):
+        DensityGuidedODE(gmm, rate=lambda x, t: x.sum(1))
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        DensityGuidedODE(gmm, q=1.2)
+
+
+# -- typicality -------------------------------------------------------------------------
+
+
+def test_typicality_is_centred_and_matches_its_exact_spread():
+    """E[h_t] = 0 exactly (Stein's identity). Its spread is 1 only where noise dominates.
+
+    For Gaussian data N(0, diag(c)) at time t, h_t has variance mean_d (sigma^2 / v_d)^2 with
+    v_d = alpha^2 c_d + sigma^2: MATH.md's "approximately N(0, 1)" is the high-noise limit.
+    """
+    dim, n = 3072, 1024
+    g = torch.Generator().manual_seed(5)
+    stds = torch.exp(torch.empty(1, dim, dtype=torch.float64).uniform_(math.log(0.05), 0.0, generator=g))
+    # unrotated: the Jacobian is diagonal, so Hutchinson with Rademacher probes is exact here
+    gauss = dd.GaussianMixture(torch.zeros(1, dim, dtype=torch.float64), stds, schedule=dd.VP())
+    for t in (0.1, 0.4, 0.7, 0.9):
+        x = gauss.sample_t(n, t, generator=g)
+        h = typicality(gauss, x, t, probes=1, generator=torch.Generator().manual_seed(6))
+        sv = gauss.schedule(torch.tensor(t, dtype=torch.float64))
+        v = sv.alpha**2 * stds[0] ** 2 + sv.sigma**2
+        expected_std = float(((sv.sigma**2 / v) ** 2).mean().sqrt())
+        assert abs(float(h.mean())) < 4 * expected_std / math.sqrt(n)
+        assert float(h.std()) == pytest.approx(expected_std, rel=4 / math.sqrt(2 * n))
+        if t >= 0.7:  # logSNR <= -4: the N(0, 1) regime of MATH.md s.4a
+            assert abs(float(h.mean())) < 0.1 and abs(float(h.std()) - 1) < 0.15
+        else:  # lower noise: clearly narrower than N(0, 1)
+            assert float(h.std()) < 0.9
+
+
+# -- score alignment ---------------------------------------------------------------------
+
+
+def test_score_alignment_with_and_without_score_agree():
+    dim = 64
+    gmm = mixture(dim, k=4)
+    x_T = torch.randn(16, dim, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    a = score_alignment(gmm, x_T, steps=16, method="with-score")
+    b = score_alignment(gmm, x_T, steps=16, method="without-score", generator=torch.Generator().manual_seed(8))
+    corr = torch.corrcoef(torch.stack([a.values, b.values]))[0, 1]
+    assert corr >= 0.99
+    assert (a.values.sign() == b.values.sign()).double().mean() >= 0.98
+    assert torch.allclose(a.x, b.x)
+    assert a.nfe.jvp == 2 * 16 and b.nfe.jvp == 3 * 2 * 16
