@@ -1,0 +1,106 @@
+"""Image helpers: model space ``[-1, 1]`` <-> 8-bit, PNG sizes, labelled grids."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["to_uint8", "png_size", "save_grid"]
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """``(B, C, H, W)`` in ``[-1, 1]`` -> uint8 in ``[0, 255]`` (clamped, rounded)."""
+    return ((x.detach().to(torch.float64).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def _pil(img: Tensor):
+    from PIL import Image
+
+    arr = img.permute(1, 2, 0).numpy()
+    return Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
+
+
+def png_size(images: Tensor) -> Tensor:
+    """Bytes of each uint8 image ``(B, C, H, W)`` as a maximally compressed PNG: a measure of detail."""
+    sizes = []
+    for img in images:
+        buf = io.BytesIO()
+        _pil(img).save(buf, format="PNG", optimize=True, compress_level=9)
+        sizes.append(buf.tell())
+    return torch.tensor(sizes, dtype=torch.float64)
+
+
+def save_grid(
+    path: str | Path,
+    rows: Sequence[Tensor],
+    *,
+    row_labels: Sequence[str] | None = None,
+    cell_labels: Sequence[Sequence[str]] | None = None,
+    scale: int = 4,
+    title: str | None = None,
+) -> Path:
+    """Save rows of images (each ``(N, C, H, W)`` in ``[-1, 1]``) as one labelled PNG grid.
+
+    Images are upscaled ``scale`` times with nearest neighbours so small patches stay
+    legible; labels go left of each row and under each cell (matplotlib).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_rows, n_cols = len(rows), max(r.shape[0] for r in rows)
+    h, w = rows[0].shape[-2:]
+    fig, axes = plt.subplots(
+        n_rows, n_cols, figsize=(n_cols * w * scale / 64 + 1.5, n_rows * (h * scale / 64 + 0.35) + (0.4 if title else 0)), squeeze=False
+    )
+    for i, row in enumerate(rows):
+        imgs = to_uint8(row)
+        for j in range(n_cols):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_visible(False)
+            if j < imgs.shape[0]:
+                arr = imgs[j].permute(1, 2, 0).numpy()
+                ax.imshow(arr[..., 0] if arr.shape[2] == 1 else arr, cmap="gray" if arr.shape[2] == 1 else None, interpolation="nearest")
+                if cell_labels is not None:
+                    ax.set_xlabel(cell_labels[i][j], fontsize=7)
+            if j == 0 and row_labels is not None:
+                ax.set_ylabel(row_labels[i], fontsize=8, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def rank(x: Tensor) -> Tensor:
+    """Ranks of a 1-D tensor (ties get their average rank), float64."""
+    order = torch.argsort(x, stable=True)
+    ranks = torch.empty(len(x), dtype=torch.float64)
+    ranks[order] = torch.arange(len(x), dtype=torch.float64)
+    for v in torch.unique(x):  # average over ties
+        tie = x == v
+        if tie.sum() > 1:
+            ranks[tie] = ranks[tie].mean()
+    return ranks
+
+
+def correlations(a: Tensor, b: Tensor) -> tuple[float, float]:
+    """``(pearson, spearman)`` correlation of two 1-D samples."""
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    pearson = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+    spearman = float(torch.corrcoef(torch.stack([rank(a), rank(b)]))[0, 1])
+    return pearson, spearman
+
+
