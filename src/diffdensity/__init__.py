@@ -4,7 +4,7 @@ from .analytic import GaussianMixture, random_rotation
 from .divergence import Exact, Hutchinson
 from .likelihood import bits_per_dim, log_likelihood
 from .models import NFE, ClassifierFreeGuidance, ScoreModel
-from .schedules import EDM, VE, VP, RectifiedFlow, Schedule, VPCosine, VPLinear
+from .schedules import EDM, VE, VP, DiscreteVP, RectifiedFlow, Schedule, VPCosine, VPLinear
 
 __version__ = "0.1.0"
 
@@ -17,6 +17,7 @@ __all__ = [
     "VE",
     "EDM",
     "RectifiedFlow",
+    "DiscreteVP",
     # models
     "ScoreModel",
     "ClassifierFreeGuidance",
@@ -29,4 +30,19 @@ __all__ = [
     # likelihood
     "log_likelihood",
     "bits_per_dim",
+    # integrations (imported on first use)
+    "from_diffusers",
+    "from_diffusers_pretrained",
+    "LatentDiffusion",
+    "DiffusersScoreModel",
 ]
+
+_LAZY = {"from_diffusers", "from_diffusers_pretrained", "LatentDiffusion", "DiffusersScoreModel"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from .integrations import diffusers
+
+        return getattr(diffusers, name)
+    raise AttributeError(f"module 'diffdensity' has no attribute {name!r}")

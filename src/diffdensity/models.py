@@ -68,7 +68,9 @@ def _check_parametrization(p: str) -> None:
 
 def broadcast_time(t: Tensor | float, x: Tensor) -> Tensor:
     """``t`` as a ``(B,)`` tensor matching the batch of ``x`` (float64 kept if given)."""
-    t = torch.as_tensor(t, device=x.device)
+    if not isinstance(t, Tensor):  # a Python number: keep its full precision
+        t = torch.tensor(t, dtype=torch.float64, device=x.device)
+    t = t.to(x.device)
     if not t.is_floating_point():
         t = t.to(torch.float64)
     if t.ndim == 0:
@@ -178,7 +180,9 @@ class ClassifierFreeGuidance:
 
     ``cond`` and ``uncond`` are the keyword arguments (tensors with a leading batch
     dimension, or batch-independent values shared by both) for the two branches. The
-    keyword arguments given to :meth:`score` are passed to both.
+    keyword arguments given to :meth:`score` are passed to both. A leading dimension of 1
+    is broadcast over the batch; one that divides the batch is tiled, matching how the
+    divergence estimators fold probes into the batch (``x.repeat(P, ...)``).
     """
 
     def __init__(self, model: Model, scale: float, *, cond: dict[str, Any], uncond: dict[str, Any]):
@@ -191,17 +195,34 @@ class ClassifierFreeGuidance:
     def score(self, x: Tensor, t: Tensor | float, **extra: Any) -> Tensor:
         t = broadcast_time(t, x)
         kwargs = {}
+        b = x.shape[0]
+
+        def batched(z: Any) -> bool:  # a leading dimension that tiles the batch
+            return isinstance(z, Tensor) and z.ndim > 0 and b % z.shape[0] == 0
+
+        def tile(z: Tensor) -> Tensor:  # batch-major repeat, as divergence estimators fold probes
+            return z.repeat(b // z.shape[0], *([1] * (z.ndim - 1)))
+
         for k in self.cond:
             c, u = self.cond[k], self.uncond[k]
-            if isinstance(c, Tensor):
-                if c.shape[:1] != u.shape[:1] and c.shape[0] == x.shape[0]:
-                    u = u.expand(x.shape[0], *u.shape[1:])
-                kwargs[k] = torch.cat([c, u])
+            if batched(c) and batched(u):
+                kwargs[k] = torch.cat([tile(c), tile(u)])
+            elif isinstance(c, Tensor) or isinstance(u, Tensor):
+                if not (isinstance(c, Tensor) and isinstance(u, Tensor) and c.shape == u.shape and torch.equal(c, u)):
+                    raise ValueError(
+                        f"conditioning {k!r} must have a leading batch dimension (B, or 1 to broadcast) in cond "
+                        f"and uncond, or be the same batch-independent tensor in both"
+                    )
+                kwargs[k] = c
             else:
                 if c != u:
                     raise ValueError(f"non-tensor conditioning {k!r} must be equal in cond and uncond")
                 kwargs[k] = c
-        s = self.model.score(torch.cat([x, x]), torch.cat([t, t]), **kwargs, **extra)
+        for k, e in extra.items():  # shared by both branches: batched tensors are doubled too
+            if k in kwargs:
+                raise TypeError(f"conditioning {k!r} is set by the guidance; do not pass it to score")
+            kwargs[k] = torch.cat([e, e]) if isinstance(e, Tensor) and e.ndim > 0 and e.shape[0] == b else e
+        s = self.model.score(torch.cat([x, x]), torch.cat([t, t]), **kwargs)
         s_cond, s_uncond = s.chunk(2)
         return s_uncond + self.scale * (s_cond - s_uncond)
 

@@ -26,6 +26,7 @@ __all__ = [
     "VE",
     "EDM",
     "RectifiedFlow",
+    "DiscreteVP",
 ]
 
 
@@ -83,7 +84,8 @@ class Schedule:
     # -- shared ---------------------------------------------------------------------
     def __call__(self, t: Tensor | float) -> ScheduleValues:
         """Evaluate at ``t`` (any shape); computed in float64 at least."""
-        t = torch.as_tensor(t)
+        # Python numbers go straight to float64 (torch.as_tensor would round them to float32)
+        t = t if isinstance(t, Tensor) else torch.tensor(t, dtype=torch.float64)
         if not t.is_floating_point() or t.dtype in (torch.float16, torch.bfloat16, torch.float32):
             t = t.to(torch.float64)
         return self._values(t)
@@ -346,3 +348,122 @@ class RectifiedFlow(Schedule):
 
     def _values(self, t: Tensor) -> ScheduleValues:
         return ScheduleValues(1 - t, t, -torch.ones_like(t), torch.ones_like(t))
+
+
+class DiscreteVP(Schedule):
+    """VP schedule of a discrete-time model (DDPM, DDIM, Stable Diffusion, ...), continuous in between.
+
+    ``alphas_cumprod`` holds ``abar_k`` for the training timesteps ``k = 0, ..., N-1``
+    (strictly decreasing in ``(0, 1)``). Time ``t`` in ``[0, N-1]`` *is* the model's
+    timestep, fractional between the integers. With ``sigma_ve = sqrt((1 - abar)/abar)
+    = exp(-lambda/2)``, ``log sigma_ve`` is interpolated between the steps and
+    ``alpha^2 = sigmoid(lambda)``, ``sigma^2 = sigmoid(-lambda)``; at integer ``t = k``
+    this gives ``alpha^2 = abar_k`` and ``sigma^2 = 1 - abar_k`` exactly.
+
+    ``interpolation``:
+
+    * ``"linear"`` (default): ``log sigma_ve`` linear between steps, as k-diffusion's
+      ``DiscreteSchedule`` maps sigma to a fractional timestep. ``d lambda/dt`` is
+      piecewise constant: at an integer the piece to its right is used (the last one at
+      ``N-1``), so finite differences across an integer do not match it.
+    * ``"cubic"``: monotone cubic Hermite (Fritsch-Carlson / PCHIP slopes) through the
+      same points: continuously differentiable, still strictly monotone.
+
+    Outside ``[0, N-1]`` the end pieces extend linearly, in :meth:`t_from_log_snr` too.
+    ``t_min`` / ``t_max`` (default ``0`` and ``N-1``) may restrict the range.
+    """
+
+    def __init__(
+        self,
+        alphas_cumprod,
+        *,
+        t_min: float | None = None,
+        t_max: float | None = None,
+        interpolation: str = "linear",
+    ):
+        if interpolation not in ("linear", "cubic"):
+            raise ValueError(f"unknown interpolation {interpolation!r}; expected 'linear' or 'cubic'")
+        abar = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64).flatten()
+        if abar.numel() < 2:
+            raise ValueError(f"need at least 2 timesteps, got {abar.numel()}")
+        if not (torch.isfinite(abar).all() and (abar > 0).all() and (abar < 1).all()):
+            raise ValueError("alphas_cumprod must lie strictly inside (0, 1); clamp a zero-terminal-SNR last value (e.g. to 2**-24)")
+        log_sigmas = 0.5 * (torch.log1p(-abar) - torch.log(abar))
+        delta = log_sigmas.diff()
+        if not (delta > 0).all():
+            raise ValueError("alphas_cumprod must be strictly decreasing")
+        self.alphas_cumprod = abar
+        self.log_sigmas = log_sigmas  # log sigma_ve at the integer timesteps, increasing
+        self.num_steps = abar.numel()
+        self.interpolation = interpolation
+        # knot slopes d log sigma_ve / dt: harmonic means of the neighbouring differences
+        # (PCHIP on a unit grid; between them, so the cubic stays monotone)
+        slopes = torch.cat([delta[:1], 2 / (1 / delta[:-1] + 1 / delta[1:]), delta[-1:]])
+        self.knot_slopes = slopes if interpolation == "cubic" else None
+        last = float(self.num_steps - 1)
+        self.t_min = 0.0 if t_min is None else float(t_min)
+        self.t_max = last if t_max is None else float(t_max)
+        if not 0 <= self.t_min < self.t_max <= last:
+            raise ValueError(f"need 0 <= t_min < t_max <= {last:g}, got {self.t_min} and {self.t_max}")
+        self._tables: dict[torch.device, tuple[Tensor, Tensor | None]] = {}
+
+    def __repr__(self) -> str:
+        interp = "" if self.interpolation == "linear" else f", interpolation={self.interpolation!r}"
+        return f"DiscreteVP(num_steps={self.num_steps}, t_min={self.t_min:g}, t_max={self.t_max:g}{interp})"
+
+    def _table(self, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        if device not in self._tables:
+            m = None if self.knot_slopes is None else self.knot_slopes.to(device)
+            self._tables[device] = (self.log_sigmas.to(device), m)
+        return self._tables[device]
+
+    def _segment(self, idx: Tensor, u: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``log sigma_ve`` and its t-derivative at ``idx + u`` (``u`` in the unit segment or beyond)."""
+        ls, m = self._table(device)
+        lo, hi = ls[idx], ls[idx + 1]
+        if m is None:
+            return lo + u * (hi - lo), hi - lo
+        m0, m1 = m[idx], m[idx + 1]
+        inside = (u >= 0) & (u <= 1)
+        w = u.clamp(0, 1)
+        w2, w3 = w * w, w * w * w
+        y = (2 * w3 - 3 * w2 + 1) * lo + (w3 - 2 * w2 + w) * m0 + (3 * w2 - 2 * w3) * hi + (w3 - w2) * m1
+        dy = (6 * w2 - 6 * w) * (lo - hi) + (3 * w2 - 4 * w + 1) * m0 + (3 * w2 - 2 * w) * m1
+        # beyond the end knots: straight on with the end slope
+        end_slope = torch.where(u < 0, m0, m1)
+        y = torch.where(inside, y, y + (u - w) * end_slope)
+        return y, torch.where(inside, dy, end_slope)
+
+    def _log_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``log sigma_ve(t)`` and its derivative."""
+        idx = torch.floor(t).clamp(0, self.num_steps - 2).long()
+        return self._segment(idx, t - idx, t.device)
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        return -2 * self._log_sigma(t)[0]
+
+    def t_from_log_snr(self, log_snr: Tensor) -> Tensor:
+        log_snr = torch.as_tensor(log_snr, dtype=torch.float64)
+        ls, m = self._table(log_snr.device)
+        target = -0.5 * log_snr
+        idx = (torch.searchsorted(ls, target.contiguous(), right=True) - 1).clamp(0, self.num_steps - 2)
+        lo, hi = ls[idx], ls[idx + 1]
+        u = (target - lo) / (hi - lo)
+        if m is not None:  # Newton on the monotone cubic, from the linear guess
+            inside = (u >= 0) & (u <= 1)
+            u_end = torch.where(u < 0, (target - lo) / m[idx], 1 + (target - hi) / m[idx + 1])
+            w = u.clamp(0, 1)
+            for _ in range(30):
+                y, dy = self._segment(idx, w, log_snr.device)
+                step = (y - target) / dy.clamp_min(1e-300)
+                w = (w - step).clamp(0, 1)
+                if step.abs().max() <= 1e-15:
+                    break
+            u = torch.where(inside, w, u_end)
+        return idx + u
+
+    def _values(self, t: Tensor) -> ScheduleValues:
+        log_sigma, slope = self._log_sigma(t)
+        lam, dlam = -2 * log_sigma, -2 * slope
+        alpha, sigma = torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
+        return ScheduleValues(alpha, sigma, 0.5 * alpha * sigma**2 * dlam, -0.5 * sigma * alpha**2 * dlam)
