@@ -104,7 +104,11 @@ def log_likelihood(
             begin_step=dyn.begin_step,
             fsal=not dyn.step_dependent,
         )
-        prior = (prior_logp or sched.prior_log_prob)(sol.x).to(torch.float64)
+        prior = (prior_logp or sched.prior_log_prob)(sol.x)
+    if not isinstance(prior, Tensor) or prior.shape != (x.shape[0],):
+        got = tuple(prior.shape) if isinstance(prior, Tensor) else type(prior).__name__
+        raise ValueError(f"prior_logp must return one log-density per sample, shape ({x.shape[0]},); got {got}")
+    prior = prior.to(torch.float64)
     delta = -sol.logp  # state integrated log p_T(x_T) - log p_0(x_0)
     settings = dict(steps=steps, solver=solver, grid=grid, divergence=repr(est), accepted_steps=sol.steps, rejected_steps=sol.rejected)
     return LikelihoodResult(prior + delta, prior, delta, sol.x, dyn.nfe, sol.steps, settings)
@@ -135,7 +139,8 @@ def bits_per_dim(
     dim = math.prod(u.shape[1:])
     logps, nfe = [], NFE()
     for _ in range(draws):
-        noise = torch.rand(u.shape, generator=generator, dtype=torch.float64)
+        device = generator.device if generator is not None else u.device
+        noise = torch.rand(u.shape, generator=generator, dtype=torch.float64, device=device).to(u.device)
         x = (2 * (u + noise) / 256 - 1).to(dtype)
         res = log_likelihood(model, x, generator=generator, **likelihood_options)
         logps.append(res.logp)

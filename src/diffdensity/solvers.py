@@ -92,7 +92,7 @@ TABLEAUX: dict[str, Tableau] = {
 
 @dataclass
 class StepInfo:
-    """Passed to callbacks after every accepted step."""
+    """Passed to callbacks: once with the initial state (``step=0``), then after every accepted step."""
 
     step: int
     t: float
