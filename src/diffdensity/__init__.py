@@ -1,10 +1,17 @@
 """diffdensity: measure and steer the log-density of samples in diffusion and flow models."""
 
 from .analytic import GaussianMixture, random_rotation
+from .alignment import score_alignment
 from .divergence import Exact, Hutchinson
+from .guidance import _register as _register_guidance
+from .guidance import chi_quantile, rescale_latent
 from .likelihood import bits_per_dim, log_likelihood
 from .models import NFE, ClassifierFreeGuidance, ScoreModel
+from .typicality import typicality
+from .sampling import SampleResult, sample
 from .schedules import EDM, VE, VP, DiscreteVP, RectifiedFlow, Schedule, VPCosine, VPLinear
+
+_register_guidance()
 
 __version__ = "0.1.0"
 
@@ -30,6 +37,14 @@ __all__ = [
     # likelihood
     "log_likelihood",
     "bits_per_dim",
+    # sampling and control
+    "sample",
+    "SampleResult",
+    "rescale_latent",
+    "chi_quantile",
+    # diagnostics
+    "score_alignment",
+    "typicality",
     # integrations (imported on first use)
     "from_diffusers",
     "from_diffusers_pretrained",

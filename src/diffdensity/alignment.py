@@ -20,18 +20,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import _validation as v
-from .divergence import Hutchinson, model_fn
+from .divergence import Hutchinson, jacobian_vector_product, model_fn
 from .dynamics import Dynamics, _expand
 from .models import NFE, Model
 from .solvers import TABLEAUX, odeint
 
-__all__ = ["ScoreAlignmentResult", "score_alignment", "jacobian_vector_product"]
+__all__ = ["ScoreAlignmentResult", "score_alignment"]
 
 
 @dataclass
@@ -44,27 +44,6 @@ class ScoreAlignmentResult:
     nfe: NFE
     method: str
     x: Tensor  # the PF-ODE samples F(x_T)
-
-
-def jacobian_vector_product(fn: Callable[[Tensor], Tensor], x: Tensor, v: Tensor, *, mode: str = "auto") -> tuple[Tensor, Tensor, str]:
-    """``(fn(x), J_fn(x) v, mode_used)``: forward mode, or the double-VJP trick in reverse mode.
-
-    Reverse mode computes ``J v = d/dw [ (J^T w) . v ]`` (needs double backward).
-    """
-    if mode in ("auto", "forward"):
-        try:
-            fx, jv = torch.func.jvp(fn, (x,), (v,))
-            return fx, jv, "forward"
-        except (RuntimeError, NotImplementedError):
-            if mode == "forward":
-                raise
-    with torch.enable_grad():
-        xg = x.detach().requires_grad_(True)
-        fx = fn(xg)
-        w = torch.zeros_like(fx, requires_grad=True)
-        (jtw,) = torch.autograd.grad(fx, xg, w, create_graph=True)
-        (jv,) = torch.autograd.grad(jtw, w, v)
-    return fx.detach(), jv, "reverse"
 
 
 class _TangentPFODE(Dynamics):

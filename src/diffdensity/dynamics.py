@@ -1,15 +1,34 @@
 """What a sampler integrates: drift, noise and log-density rate (MATH.md s.3-4).
 
-A dynamics object is called as ``dyn(t, x) -> (dx/dt, d log p_t(x_t)/dt)`` with ``t`` a
-float64 scalar tensor and ``x`` ``(B, *event_shape)``; the rate is float64 ``(B,)``
-or ``None`` when log-density is not tracked. The same object serves both directions:
-integrating forward in ``t`` (data -> noise, likelihood) or backward (sampling).
+Deterministic dynamics are called as ``dyn(t, x) -> (dx/dt, d log p_t(x_t)/dt)`` with
+``t`` a float64 scalar tensor and ``x`` ``(B, *event_shape)``; the rate is float64
+``(B,)`` or ``None`` when log-density is not tracked. The same object serves both
+directions: integrating forward in ``t`` (data -> noise, likelihood) or backward
+(sampling). Any ODE solver of :mod:`diffdensity.solvers` integrates them.
+
+Stochastic dynamics (:class:`SDEDynamics`) describe ``dx = u dt + G dW_bar`` integrated
+backwards in ``t`` and return their coefficients as :class:`SDETerms`; the integrators
+of :mod:`diffdensity.sde` turn them into steps.
+
+=====================  ==========================================  ====================
+class                  drift ``u`` (``dx/dt``)                     log-density (MATH)
+=====================  ==========================================  ====================
+:class:`PFODE`         ``f x - g^2 s / 2``                         ``-div u_PF``  (3a)
+:class:`HDODE`         ``f x - g^2 s``                             3b
+:class:`CustomODE`     user ``u(x, t, s)``                         3b
+:class:`ReverseSDE`    ``f x - g^2 s``, noise ``g dW``             3c (no divergence)
+:class:`CustomSDE`     user ``u(x, t, s)``, noise ``phi dW``       3d
+=====================  ==========================================  ====================
+
+Tracking the log-density changes what is computed alongside the state, never the
+drift: with tracking off the same ``x`` path results.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -17,7 +36,17 @@ from torch import Tensor
 from .divergence import DivergenceEstimator, model_fn
 from .models import NFE, Model
 
-__all__ = ["Dynamics", "PFODE"]
+__all__ = [
+    "Dynamics",
+    "PFODE",
+    "ModifiedODE",
+    "HDODE",
+    "CustomODE",
+    "SDETerms",
+    "SDEDynamics",
+    "ReverseSDE",
+    "CustomSDE",
+]
 
 
 class Dynamics:
@@ -96,3 +125,215 @@ class PFODE(Dynamics):
             rate = -dim * sv.f + 0.5 * sv.g2 * lap
         u = _expand(sv.f, x) * x - 0.5 * _expand(sv.g2, x) * s
         return u, rate
+
+
+# -- modified deterministic dynamics (MATH.md s.3b, s.4d) ------------------------------------
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample inner product in float64, ``(B,)``."""
+    return (a.to(torch.float64) * b.to(torch.float64)).reshape(a.shape[0], -1).sum(1)
+
+
+class ModifiedODE(Dynamics):
+    """Base of deterministic dynamics ``dx/dt = u = u_PF + delta`` (MATH.md s.3b).
+
+    Subclasses implement :meth:`drift`, returning ``u`` and ``delta = u - u_PF``. With a
+    divergence estimator the log-density rate is
+
+        d/dt log p_t(x_t) = -div u_PF + s . delta = -D f + (1/2) g^2 div s + s . delta,
+
+    exact when ``s`` is the true score; ``delta`` is returned separately so that the
+    inner product is not computed from a difference of nearly equal drifts.
+    """
+
+    def drift(self, t: Tensor, x: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        """``(u, u - u_PF)`` at ``(t, x)`` given the score ``s``."""
+        raise NotImplementedError
+
+    def __call__(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        if self.divergence is None:
+            s, lap = self.score(t, x), None
+        else:
+            s, lap = self.score_and_laplacian(t, x)
+        u, delta = self.drift(t, x, s)
+        if lap is None:
+            return u, None
+        sv = self.schedule(t)
+        dim = math.prod(x.shape[1:])
+        return u, -dim * sv.f + 0.5 * sv.g2 * lap + _dot(s, delta)
+
+
+class HDODE(ModifiedODE):
+    """High-density ODE ``u_HD = f x - g^2 s``: the reverse-SDE drift without its noise (MATH.md s.4d).
+
+    Compared with the PF-ODE it follows the score twice as strongly, so integrated
+    backwards it climbs the density: ``d/dt log p = -div u_PF - (1/2) g^2 |s|^2``.
+    For Gaussian data it is exactly the mode-tracking ODE of MATH.md s.4e.
+    """
+
+    def drift(self, t: Tensor, x: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        sv = self.schedule(t)
+        return _expand(sv.f, x) * x - _expand(sv.g2, x) * s, -0.5 * _expand(sv.g2, x) * s
+
+
+DriftFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def _check_field(value: Any, x: Tensor, name: str) -> Tensor:
+    if not isinstance(value, Tensor) or value.shape != x.shape:
+        got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"{name} must return a tensor of the shape of x {tuple(x.shape)}, got {got}")
+    return value
+
+
+class CustomODE(ModifiedODE):
+    """A user drift ``dx/dt = drift(x, t, s)`` (MATH.md s.3b).
+
+    ``drift`` receives ``x`` ``(B, *event_shape)``, ``t`` float64 ``(B,)`` and the score
+    ``s`` at ``(x, t)``, and returns ``dx/dt`` of the shape of ``x`` (time runs from data
+    ``t_min`` to noise ``t_max``; sampling integrates it backwards). The log-density
+    rate needs ``div s`` (the divergence estimator), never ``div u``.
+    """
+
+    def __init__(self, model: Model, drift: DriftFn, **kwargs: Any):
+        super().__init__(model, **kwargs)
+        if not callable(drift):
+            raise TypeError(f"drift must be callable as drift(x, t, score), got {type(drift).__name__}")
+        self.user_drift = drift
+
+    def drift(self, t: Tensor, x: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        u = _check_field(self.user_drift(x, self._t(t, x), s), x, "drift(x, t, score)")
+        sv = self.schedule(t)
+        x64, s64 = x.to(torch.float64), s.to(torch.float64)
+        u_pf = _expand(sv.f, x64) * x64 - 0.5 * _expand(sv.g2, x64) * s64
+        return u, u.to(torch.float64) - u_pf
+
+
+# -- stochastic dynamics (MATH.md s.3c, s.3d) ---------------------------------------------
+
+
+@dataclass
+class SDETerms:
+    """Coefficients of ``dx = u dt + G dW_bar`` at one ``(t, x)`` (``t`` decreasing).
+
+    ``drift``: ``u`` (``dx/dt``, shape of ``x``). ``diffusion``: ``phi``, float64 ``(B,)``
+    with ``G = phi I`` unless ``noise_fn`` is given, which maps a Brownian increment
+    ``dW`` (shape of ``x``) to ``G dW`` (e.g. a projected noise). ``score``: ``s`` at
+    ``(t, x)``, whose inner product with ``G dW`` is the log-density's noise term.
+    ``rate``: the deterministic part of ``d log p / d tau`` (``tau = -t``), float64
+    ``(B,)``; ``None`` when the log-density is not tracked.
+    """
+
+    drift: Tensor
+    diffusion: Tensor
+    score: Tensor
+    rate: Tensor | None = None
+    noise_fn: Callable[[Tensor], Tensor] | None = None
+
+    def noise(self, dw: Tensor) -> Tensor:
+        """``G dW`` for a Brownian increment ``dW`` of the shape of ``x``."""
+        if self.noise_fn is not None:
+            return self.noise_fn(dw)
+        return _expand(self.diffusion, dw) * dw
+
+
+class SDEDynamics(Dynamics):
+    """Base of stochastic dynamics; subclasses implement :meth:`terms`.
+
+    ``track_logp`` says whether :meth:`terms` must return the log-density rate. A
+    divergence estimator is needed only by dynamics whose rate involves ``div s``.
+    """
+
+    def __init__(self, model: Model, *, track_logp: bool = True, **kwargs: Any):
+        super().__init__(model, **kwargs)
+        self.track_logp = bool(track_logp)
+
+    def terms(self, t: Tensor, x: Tensor) -> SDETerms:
+        raise NotImplementedError
+
+    def __call__(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        raise TypeError(f"{type(self).__name__} is stochastic: integrate it with diffdensity.sde.sdeint")
+
+
+class ReverseSDE(SDEDynamics):
+    """The model's reverse SDE ``dx = (f x - g^2 s) dt + g dW_bar`` (MATH.md s.3c).
+
+    Carried by the same increment ``dW`` that moves ``x``,
+
+        d log p = (D f + (1/2) g^2 |s|^2) dtau + g s . dW,
+
+    so tracking needs no divergence and no extra network pass. Its transition over a
+    finite step is close to a Gaussian known in closed form, which the Bayes-rule
+    integrators of :mod:`diffdensity.sde` use (``gaussian_kernel = True``).
+    """
+
+    gaussian_kernel = True
+
+    def terms(self, t: Tensor, x: Tensor) -> SDETerms:
+        sv = self.schedule(t)
+        s = self.score(t, x)
+        u = _expand(sv.f, x) * x - _expand(sv.g2, x) * s
+        g = sv.g2.sqrt().to(torch.float64).expand(x.shape[0])
+        rate = None
+        if self.track_logp:
+            dim = math.prod(x.shape[1:])
+            rate = dim * sv.f + 0.5 * sv.g2 * _dot(s, s)
+        return SDETerms(u, g, s, rate)
+
+
+DiffusionFn = Callable[[Tensor, Tensor], "Tensor | float"]
+
+
+class CustomSDE(SDEDynamics):
+    """A user SDE ``dx = drift(x, t, s) dt + phi dW_bar`` with ``G = phi I`` (MATH.md s.3d).
+
+    ``diffusion`` is a number ``phi >= 0`` or a callable ``diffusion(x, t)`` returning a
+    number or a ``(B,)`` tensor (``t`` float64 ``(B,)``). With the true score,
+
+        d log p = [D f + f x.s - (1/2) g^2 (div s + |s|^2) - s.u + (1/2) phi^2 div s] dtau
+                  + phi s . dW,
+
+    where ``div s`` comes from the divergence estimator (needed only when tracking).
+    """
+
+    def __init__(self, model: Model, drift: DriftFn, diffusion: float | DiffusionFn, **kwargs: Any):
+        super().__init__(model, **kwargs)
+        if not callable(drift):
+            raise TypeError(f"drift must be callable as drift(x, t, score), got {type(drift).__name__}")
+        if not callable(diffusion):
+            phi = float(diffusion)
+            if not (math.isfinite(phi) and phi >= 0):
+                raise ValueError(f"diffusion must be a finite number >= 0 or a callable, got {diffusion!r}")
+        if self.track_logp and self.divergence is None:
+            raise ValueError("tracking the log-density of a custom SDE needs a divergence estimator")
+        self.user_drift, self.user_diffusion = drift, diffusion
+
+    def _phi(self, t: Tensor, x: Tensor) -> Tensor:
+        d = self.user_diffusion
+        phi = d(x, self._t(t, x)) if callable(d) else d
+        phi = torch.as_tensor(phi, dtype=torch.float64, device=x.device)
+        if phi.ndim == 0:
+            phi = phi.expand(x.shape[0])
+        if phi.shape != (x.shape[0],):
+            raise ValueError(f"diffusion(x, t) must return a number or a ({x.shape[0]},) tensor, got shape {tuple(phi.shape)}")
+        if not (torch.isfinite(phi).all() and (phi >= 0).all()):
+            raise ValueError("diffusion(x, t) must be finite and >= 0")
+        return phi
+
+    def terms(self, t: Tensor, x: Tensor) -> SDETerms:
+        sv = self.schedule(t)
+        if self.track_logp:
+            s, lap = self.score_and_laplacian(t, x)
+        else:
+            s, lap = self.score(t, x), None
+        u = _check_field(self.user_drift(x, self._t(t, x), s), x, "drift(x, t, score)")
+        phi = self._phi(t, x)
+        rate = None
+        if lap is not None:
+            dim = math.prod(x.shape[1:])
+            x64, s64 = x.to(torch.float64), s.to(torch.float64)
+            # D f + f x.s - s.u, written as D f - s.(u - f x) to avoid cancellation
+            rate = dim * sv.f - _dot(s64, u.to(torch.float64) - sv.f * x64)
+            rate = rate - 0.5 * sv.g2 * (lap + _dot(s64, s64)) + 0.5 * phi**2 * lap
+        return SDETerms(u, phi, s, rate)

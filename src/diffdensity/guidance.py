@@ -11,6 +11,12 @@ divergence, ``eta = 1 + sqrt(2D) Phi^-1(q) / |sigma s|^2``, so DG-ODE costs exac
 the PF-ODE costs. ``q > 0.5`` raises ``log p_0`` (smoother samples), ``q < 0.5`` lowers
 it (more detail), ``q = 0.5`` is the PF-ODE.
 
+Stochastic density guidance (DG-SDE, MATH.md s.4b) adds noise ``phi P dW`` projected
+orthogonally to the score, ``P = I - s s^T / |s|^2``, with ``phi = phi~(t) g(t)``, and the
+drift correction ``+(1/2) g^2 phi~^2 (div s / |s|^2) s`` that cancels its Ito term: the
+log-density keeps the DG-ODE rate up to the residual ``-(1/2) phi^2 s^T (grad s) s / |s|^2``
+(neglected by default, computed with one more JVP with ``residual=True``).
+
 Guard: near a mode ``|s|`` vanishes and ``eta`` blows up (low dimension, ``q > 0.5``).
 ``eta - 1`` is clamped to ``[-eta_cap, eta_cap]``; the tracked log-density always
 uses the clamped ``eta``, i.e. the dynamics actually integrated (MATH.md s.3b):
@@ -27,10 +33,25 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .dynamics import Dynamics, _expand
+from .divergence import jacobian_vector_product, model_fn
+from .dynamics import Dynamics, SDEDynamics, SDETerms, _dot, _expand
 from .schedules import Schedule
 
-__all__ = ["DensityGuidedODE", "chi_quantile", "normal_quantile", "rescale_latent"]
+__all__ = [
+    "DensityGuidedODE",
+    "StochasticDensityGuidance",
+    "NOISE_WINDOWS",
+    "noise_schedule",
+    "chi_quantile",
+    "normal_quantile",
+    "rescale_latent",
+]
+
+# phi~ windows of the DG-SDE: (logSNR low, logSNR high, phi~)
+NOISE_WINDOWS = {
+    "early": [(-10.0, -4.0, 0.2)],  # high noise: changes shapes and composition
+    "late": [(-3.0, 9.0, 0.3)],  # low noise: changes texture
+}
 
 
 def normal_quantile(q: Tensor | float) -> Tensor:
@@ -81,58 +102,18 @@ def rescale_latent(x_T: Tensor, q: float, schedule: Schedule) -> Tensor:
     return x_T * scale.to(x_T.dtype).reshape(-1, *([1] * (x_T.ndim - 1)))
 
 
-class DensityGuidedODE(Dynamics):
-    """Density-guided probability-flow ODE ``u = f x - (1/2) g^2 eta s``.
+class _EtaGuard:
+    """Records, per sample, whether ``|eta - 1|`` hit its bound, and warns once."""
 
-    Give either ``q`` (a quantile in (0, 1), scalar or ``(B,)``: the DG-ODE) or ``rate``
-    (``b(x, t) -> (B,)``, the wanted ``d/dt log p_t``; needs ``divergence``). With a
-    ``divergence`` estimator the log-density is tracked. ``eta_cap`` bounds ``|eta - 1|``;
-    ``capped`` records, per sample, whether the bound was ever active.
-    """
+    eta_cap: float
+    capped: Tensor | None = None
 
-    def __init__(
-        self,
-        model,
-        *,
-        q: Tensor | float | None = None,
-        rate: Callable[[Tensor, Tensor], Tensor] | None = None,
-        eta_cap: float = 10.0,
-        **kwargs: Any,
-    ):
-        super().__init__(model, **kwargs)
-        if (q is None) == (rate is None):
-            raise ValueError("give exactly one of q (quantile) or rate (a callable b(x, t))")
-        if rate is not None and self.divergence is None:
-            raise ValueError("a user rate b(x, t) needs a divergence estimator (div u_PF enters the drift)")
-        if not eta_cap > 0:
-            raise ValueError(f"eta_cap must be positive, got {eta_cap}")
-        self.z = None if q is None else normal_quantile(q)
-        self.rate_fn, self.eta_cap = rate, float(eta_cap)
-        self.capped: Tensor | None = None
-
-    def __call__(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        sv = self.schedule(t)
-        dim = math.prod(x.shape[1:])
-        b = x.shape[0]
-        if self.divergence is None:
-            s, div_u = self.score(t, x), None
-        else:
-            s, lap = self.score_and_laplacian(t, x)
-            div_u = dim * sv.f - 0.5 * sv.g2 * lap
-        s2 = s.reshape(b, -1).to(torch.float64).square().sum(1).clamp_min(torch.finfo(torch.float64).tiny)
-        if self.z is not None:
-            shift = math.sqrt(2 * dim) * self.z.to(x.device) / (sv.sigma**2 * s2)
-        else:
-            wanted = self.rate_fn(x, t.expand(b)).to(torch.float64)
-            shift = -2 * (div_u + wanted) / (sv.g2 * s2)
+    def _clamp(self, shift: Tensor) -> Tensor:
         over = shift.abs() > self.eta_cap
         if self.capped is None or self.capped.shape != over.shape:
             self.capped = torch.zeros_like(over)
         self.capped |= over
-        shift = shift.clamp(-self.eta_cap, self.eta_cap)
-        u = _expand(sv.f, x) * x - 0.5 * _expand(sv.g2, x) * _expand(1 + shift, x) * s
-        rate = None if div_u is None else -div_u - 0.5 * sv.g2 * shift * s2
-        return u, rate
+        return shift.clamp(-self.eta_cap, self.eta_cap)
 
     def warn_if_capped(self) -> None:
         """Warn once if the eta bound was active for any sample."""
@@ -145,3 +126,327 @@ class DensityGuidedODE(Dynamics):
                 RuntimeWarning,
                 stacklevel=3,
             )
+
+
+def _quantile_shift(z: Tensor, dim: int, sigma: Tensor, s2: Tensor) -> Tensor:
+    """``eta - 1 = sqrt(2D) Phi^-1(q) / |sigma s|^2``."""
+    return math.sqrt(2 * dim) * z.to(s2.device) / (sigma**2 * s2)
+
+
+def _sq_norm(s: Tensor) -> Tensor:
+    return _dot(s, s).clamp_min(torch.finfo(torch.float64).tiny)
+
+
+class DensityGuidedODE(_EtaGuard, Dynamics):
+    """Density-guided probability-flow ODE ``u = f x - (1/2) g^2 eta s``.
+
+    Give either ``q`` (a quantile in (0, 1), scalar or ``(B,)``: the DG-ODE), or ``z``
+    (``Phi^-1(q)`` directly, for quantiles too extreme for float64), or ``rate``
+    (``b(x, t) -> (B,)``, the wanted ``d/dt log p_t``; needs ``divergence``). With a
+    ``divergence`` estimator the log-density is tracked. ``eta_cap`` bounds ``|eta - 1|``;
+    ``capped`` records, per sample, whether the bound was ever active.
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        q: Tensor | float | None = None,
+        rate: Callable[[Tensor, Tensor], Tensor] | None = None,
+        z: Tensor | float | None = None,
+        eta_cap: float = 10.0,
+        **kwargs: Any,
+    ):
+        super().__init__(model, **kwargs)
+        if sum(a is not None for a in (q, rate, z)) != 1:
+            raise ValueError("give exactly one of q (quantile), z (its normal score) or rate (a callable b(x, t))")
+        if rate is not None and self.divergence is None:
+            raise ValueError("a user rate b(x, t) needs a divergence estimator (div u_PF enters the drift)")
+        if not eta_cap > 0:
+            raise ValueError(f"eta_cap must be positive, got {eta_cap}")
+        self.z = normal_quantile(q) if q is not None else None if z is None else torch.as_tensor(z, dtype=torch.float64)
+        self.rate_fn, self.eta_cap = rate, float(eta_cap)
+
+    def __call__(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        sv = self.schedule(t)
+        dim = math.prod(x.shape[1:])
+        b = x.shape[0]
+        if self.divergence is None:
+            s, div_u = self.score(t, x), None
+        else:
+            s, lap = self.score_and_laplacian(t, x)
+            div_u = dim * sv.f - 0.5 * sv.g2 * lap
+        s2 = _sq_norm(s)
+        if self.z is not None:
+            shift = _quantile_shift(self.z, dim, sv.sigma, s2)
+        else:
+            wanted = self.rate_fn(x, t.expand(b)).to(torch.float64)
+            shift = -2 * (div_u + wanted) / (sv.g2 * s2)
+        shift = self._clamp(shift)
+        u = _expand(sv.f, x) * x - 0.5 * _expand(sv.g2, x) * _expand(1 + shift, x) * s
+        rate = None if div_u is None else -div_u - 0.5 * sv.g2 * shift * s2
+        return u, rate
+
+
+def noise_schedule(spec: Any, schedule: Schedule) -> Callable[[Tensor], float]:
+    """``phi~(t)`` of the DG-SDE from ``"early"``, ``"late"``, windows or a callable.
+
+    Windows are ``[(log_snr_low, log_snr_high, phi~), ...]``: ``phi~`` is that value while
+    the logSNR lies in ``(low, high)`` and 0 elsewhere. A callable receives ``t`` (float64
+    scalar tensor) and returns a number >= 0.
+    """
+    if callable(spec):
+        def from_callable(t: Tensor) -> float:
+            value = float(spec(t))
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"noise schedule returned {value!r} at t={float(t):g}; it must be finite and >= 0")
+            return value
+
+        return from_callable
+    windows = NOISE_WINDOWS.get(spec, spec) if isinstance(spec, str) else spec
+    if isinstance(spec, str) and spec not in NOISE_WINDOWS:
+        raise ValueError(f"unknown noise schedule {spec!r}; expected one of {sorted(NOISE_WINDOWS)}, windows or a callable")
+    try:
+        windows = [(float(lo), float(hi), float(val)) for lo, hi, val in windows]
+    except (TypeError, ValueError):
+        raise ValueError(f"noise windows must be (log_snr_low, log_snr_high, phi) triples, got {spec!r}") from None
+    lmin, lmax = schedule.log_snr_min, schedule.log_snr_max
+    for lo, hi, val in windows:
+        if not (lo < hi and val >= 0 and math.isfinite(val)):
+            raise ValueError(f"noise window {(lo, hi, val)} needs low < high and a finite phi >= 0")
+        if lo < lmin - 1e-9 or hi > lmax + 1e-9:
+            raise ValueError(f"noise window ({lo:g}, {hi:g}) lies outside the logSNR range [{lmin:.4g}, {lmax:.4g}] of {schedule!r}")
+
+    def from_windows(t: Tensor) -> float:
+        lam = float(schedule.log_snr(t.to(torch.float64)))
+        return sum(val for lo, hi, val in windows if lo < lam < hi)
+
+    return from_windows
+
+
+class StochasticDensityGuidance(_EtaGuard, SDEDynamics):
+    """DG-SDE: ``dx = u dt + phi P dW_bar`` with the quantile ``q`` of the DG-ODE (MATH.md s.4b).
+
+    ``u = f x - (1/2) g^2 (eta - phi~^2 div s / |s|^2) s``, ``phi = phi~(t) g(t)``, ``div s``
+    by the divergence estimator (Hutchinson). The log-density rate is computed for the
+    drift actually integrated (after the ``eta_cap`` guard) from MATH.md s.3d,
+
+        d log p / dtau = D f - (1/2) g^2 div s + (1/2) g^2 (kappa - 1) |s|^2 + (1/2) phi^2 (div s - R),
+
+    with ``kappa`` the drift's score coefficient and ``R = s^T (grad s) s / |s|^2``, taken
+    as 0 unless ``residual=True``; the noise term ``s . P dW`` vanishes.
+    """
+
+    def __init__(self, model, *, q: Tensor | float, noise: Any = "late", eta_cap: float = 10.0, residual: bool = False, **kwargs: Any):
+        super().__init__(model, **kwargs)
+        if self.divergence is None:
+            raise ValueError("stochastic density guidance needs a divergence estimator (div s enters its drift)")
+        if not eta_cap > 0:
+            raise ValueError(f"eta_cap must be positive, got {eta_cap}")
+        self.z, self.eta_cap, self.residual = normal_quantile(q), float(eta_cap), bool(residual)
+        self.phi_tilde = noise_schedule(noise, self.schedule)
+
+    def terms(self, t: Tensor, x: Tensor) -> SDETerms:
+        sv = self.schedule(t)
+        dim = math.prod(x.shape[1:])
+        phi_t = self.phi_tilde(t)
+        if phi_t > 0 or self.track_logp:
+            s, lap = self.score_and_laplacian(t, x)
+        else:
+            s, lap = self.score(t, x), None
+        s2 = _sq_norm(s)
+        shift = _quantile_shift(self.z, dim, sv.sigma, s2)
+        correction = phi_t**2 * lap / s2 if phi_t > 0 else torch.zeros_like(s2)
+        kappa_minus_1 = self._clamp(shift - correction)
+        u = _expand(sv.f, x) * x - 0.5 * _expand(sv.g2, x) * _expand(1 + kappa_minus_1, x) * s
+        phi = (phi_t * sv.g2.sqrt()).to(torch.float64).expand(x.shape[0])
+        rate = None
+        if self.track_logp:
+            rate = dim * sv.f - 0.5 * sv.g2 * lap + 0.5 * sv.g2 * kappa_minus_1 * s2 + 0.5 * phi**2 * lap
+            if self.residual and phi_t > 0:
+                fn = model_fn(self.model, self._t(t, x), self.cond)
+                _, js, _ = jacobian_vector_product(fn, x, s)
+                self.nfe.jvp += 1
+                rate = rate - 0.5 * phi**2 * _dot(s, js) / s2
+        unit = s / _expand(s2.sqrt(), s)
+
+        def project(dw: Tensor) -> Tensor:
+            return _expand(phi, dw) * (dw - unit * _expand(_dot(unit, dw), dw))
+
+        return SDETerms(u, phi, s, rate, noise_fn=project)
+
+
+# -- sampling methods ---------------------------------------------------------------------
+# Registered with diffdensity.sampling: guidance changes the dynamics, never the solver.
+
+
+def _check_quantiles(value: Any, name: str) -> Tensor:
+    q = torch.as_tensor(value, dtype=torch.float64)
+    if q.ndim > 1:
+        raise ValueError(f"{name} must be a scalar or a (B,) tensor, got shape {tuple(q.shape)}")
+    normal_quantile(q)  # range check
+    return q
+
+
+def _check_targets(value: Any, name: str) -> Tensor:
+    t = torch.as_tensor(value, dtype=torch.float64)
+    if t.ndim > 1 or not torch.isfinite(t).all():
+        raise ValueError(f"{name} must be a finite scalar or (B,) tensor of log-densities in nats")
+    return t
+
+
+def _per_sample(value: Tensor | None, batch: int, name: str) -> Tensor | None:
+    if value is None or value.ndim == 0:
+        return value
+    if value.shape != (batch,):
+        raise ValueError(f"{name} has shape {tuple(value.shape)}, but there are {batch} samples")
+    return value
+
+
+def _guided_latent(ctx) -> Tensor | None:
+    """The latents rescaled to the prior's median norm (``latent="median"``), else None."""
+    return rescale_latent(ctx.x_T, 0.5, ctx.schedule) if ctx.options["latent"] == "median" else None
+
+
+def _warn_after(dyn: _EtaGuard):
+    def then(result):
+        dyn.warn_if_capped()
+        return None
+
+    return then
+
+
+def _build_density_guidance(ctx):
+    from .sampling import Phase, Plan
+
+    o = ctx.options
+    given = [k for k in ("q", "rate", "target_logp") if o[k] is not None]
+    if len(given) != 1:
+        raise ValueError(f"method 'density-guidance' needs exactly one of q, rate or target_logp; got {given or 'none'}")
+    b = ctx.x_T.shape[0]
+    x_T = _guided_latent(ctx)
+    if o["target_logp"] is not None:
+        return _target_plan(ctx, x_T, _per_sample(o["target_logp"], b, "target_logp"))
+    kw = ctx.dynamics_kwargs()
+    if o["rate"] is not None:
+        kw["divergence"] = ctx.divergence  # div u_PF enters the drift
+    dyn = DensityGuidedODE(ctx.model, q=_per_sample(o["q"], b, "q"), rate=o["rate"], eta_cap=o["eta_cap"], **kw)
+    return Plan([Phase(dyn, ctx.schedule.t_min, "dg-ode")], x_T=x_T, then=_warn_after(dyn))
+
+
+def _target_plan(ctx, x_T: Tensor | None, target: Tensor):
+    """Shooting on ``z = Phi^-1(q)`` per sample until the tracked ``log p_0`` meets ``target``.
+
+    ``log p_0`` is smooth and increasing in ``z``; its slope is about
+    ``sqrt(2D) (lambda_max - lambda_min) / 2`` (the log-density the quantile rate injects),
+    which seeds a secant iteration: pass 0 at ``z = 0`` (the PF-ODE), then secant steps,
+    until every sample is within ``target_tol`` nats or ``target_passes`` passes are
+    spent. Every pass reuses the same latents and Hutchinson probes.
+    """
+    from .sampling import Phase, Plan
+
+    if not ctx.track_logp:
+        raise ValueError("target_logp needs track_logp=True (the tracked log-density steers the shooting)")
+    b = ctx.x_T.shape[0]
+    target = target.expand(b).to(ctx.x_T.device)
+    o = ctx.options
+    slope0 = 0.5 * math.sqrt(2 * ctx.dim) * (ctx.schedule.log_snr_max - ctx.schedule.log_snr_min)
+    history: list[tuple[Tensor, Tensor]] = []
+
+    def plan_for(z: Tensor):
+        dyn = DensityGuidedODE(ctx.model, z=z, eta_cap=o["eta_cap"], **ctx.dynamics_kwargs())
+        return Plan([Phase(dyn, ctx.schedule.t_min, "dg-ode")], x_T=x_T, then=lambda res: after(z, dyn, res), reuse_probes=True)
+
+    def after(z: Tensor, dyn, res):
+        history.append((z, res.logp))
+        miss = target - res.logp
+        res.settings["target_passes"] = len(history)
+        res.settings["target_max_miss"] = float(miss.abs().max())
+        if miss.abs().max() <= o["target_tol"] or len(history) >= o["target_passes"]:
+            dyn.warn_if_capped()
+            return None
+        if len(history) == 1:
+            slope = torch.full_like(z, slope0)
+        else:
+            (z0, l0), (z1, l1) = history[-2], history[-1]
+            dz, dl = z1 - z0, l1 - l0
+            secant = dl / torch.where(dz.abs() > 1e-12, dz, torch.ones_like(dz))
+            ok = (dz.abs() > 1e-12) & (secant > 0.05 * slope0) & torch.isfinite(secant)
+            slope = torch.where(ok, secant, torch.full_like(z, slope0))
+        return plan_for(z + miss / slope)
+
+    return plan_for(torch.zeros(b, dtype=torch.float64, device=ctx.x_T.device))
+
+
+def _build_stochastic_density_guidance(ctx):
+    from .sampling import Phase, Plan
+
+    o = ctx.options
+    kw = ctx.dynamics_kwargs()
+    kw["divergence"] = ctx.divergence  # div s enters the drift correction
+    dyn = StochasticDensityGuidance(
+        ctx.model, q=_per_sample(o["q"], ctx.x_T.shape[0], "q"), noise=o["noise"], eta_cap=o["eta_cap"],
+        residual=o["residual"], track_logp=ctx.track_logp, **kw,
+    )  # fmt: skip
+    return Plan([Phase(dyn, ctx.schedule.t_min, "dg-sde")], x_T=_guided_latent(ctx), then=_warn_after(dyn))
+
+
+def _build_prior_guidance(ctx):
+    from .dynamics import PFODE
+    from .sampling import Phase, Plan
+
+    q = float(_check_quantiles(ctx.options["q"], "q")) if torch.as_tensor(ctx.options["q"]).ndim == 0 else None
+    if q is None:
+        raise ValueError("prior guidance takes one quantile q for all latents")
+    return Plan([Phase(PFODE(ctx.model, **ctx.dynamics_kwargs()), ctx.schedule.t_min, "pf-ode")], x_T=rescale_latent(ctx.x_T, q, ctx.schedule))
+
+
+def _check_noise(value: Any, name: str) -> Any:
+    if callable(value) or isinstance(value, str) or isinstance(value, (list, tuple)):
+        return value
+    raise ValueError(f"{name} must be 'early', 'late', a list of (log_snr_low, log_snr_high, phi) windows or a callable phi(t)")
+
+
+def _register() -> None:
+    from .sampling import REQUIRED, Option, check_callable, check_positive_float, choice, register_method
+
+    def optional(check):
+        return lambda value, name: None if value is None else check(value, name)
+
+    latent = Option("median", choice("median", "keep"), "'median': rescale latents to the prior's median norm (the paper's default); 'keep'")
+    cap = Option(10.0, check_positive_float, "bound on |eta - 1| (guards against |s| ~ 0 near modes)")
+    register_method(
+        "density-guidance",
+        _build_density_guidance,
+        options={
+            "q": Option(None, optional(_check_quantiles), "quantile in (0, 1), scalar or (B,): > 0.5 smoother, < 0.5 more detail"),
+            "rate": Option(None, optional(check_callable), "b(x, t) -> (B,): the wanted d/dt log p_t (needs div u_PF)"),
+            "target_logp": Option(None, optional(_check_targets), "wanted log p_0 in nats, scalar or (B,) (shooting, several passes)"),
+            "target_tol": Option(0.5, check_positive_float, "target mode: stop once every sample is this close (nats)"),
+            "target_passes": Option(5, lambda v, n: int(check_positive_float(v, n)), "target mode: at most this many sampling passes"),
+            "latent": latent,
+            "eta_cap": cap,
+        },
+        default_steps=64,
+        description="density guidance, DG-ODE (MATH.md s.4a): chosen quantile, rate or final log-density",
+    )
+    register_method(
+        "stochastic-density-guidance",
+        _build_stochastic_density_guidance,
+        options={
+            "q": Option(REQUIRED, _check_quantiles, "quantile in (0, 1), scalar or (B,)"),
+            "noise": Option("late", _check_noise, "phi~(t): 'early', 'late', [(log_snr_low, log_snr_high, phi), ...] or a callable"),
+            "residual": Option(False, choice(False, True), "include the small term -(1/2) phi^2 s^T grad s s / |s|^2 (one more JVP)"),
+            "latent": latent,
+            "eta_cap": cap,
+        },
+        default_steps=128,
+        description="stochastic density guidance, DG-SDE (MATH.md s.4b): noise orthogonal to the score",
+    )
+    register_method(
+        "prior-guidance",
+        _build_prior_guidance,
+        options={"q": Option(REQUIRED, _check_quantiles, "chi quantile of the latent norm, in (0, 1)")},
+        default_steps=64,
+        description="prior guidance (MATH.md s.4c): latents rescaled to a chi quantile, then the PF-ODE",
+    )

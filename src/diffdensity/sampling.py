@@ -1,0 +1,649 @@
+"""Sampling with the log-density of every sample tracked along its trajectory (MATH.md s.3, s.4d).
+
+:func:`sample` draws latents from the prior (or takes ``x_T``), integrates a method's
+dynamics from ``t_max`` to ``t_min`` and returns the samples with their log-density
+``log p_{t_min}(x)``, float64 ``(B,)``:
+
+==========================  ==============================================================
+``method``                  dynamics and how ``log p`` is carried
+==========================  ==============================================================
+``"pf-ode"``                probability-flow ODE; ``-div u_PF`` by the divergence estimator (3a)
+``"sde"``                   reverse SDE; the same Gaussian increments carry ``log p``, no
+                            divergence and no extra network pass (3c; :mod:`diffdensity.sde`)
+``"hd"``                    PF-ODE (or reverse SDE) down to ``log_snr_threshold``, then the
+                            high-density ODE ``u = f x - g^2 s`` (4d; tracked by 3b)
+``"custom"``                a user drift ``drift(x, t, score)``; with ``diffusion`` an SDE
+                            (3b, 3d)
+==========================  ==============================================================
+
+Methods are entries of a registry, :data:`METHODS`: a name, the options it accepts
+(checked, never swallowed) and a builder that turns a :class:`MethodContext` into a
+:class:`Plan` -- a sequence of :class:`Phase` objects, each a dynamics integrated down
+to a time. New methods (guidance, ...) register a builder with
+:func:`register_method`; the solvers and :func:`sample` stay as they are. Guidance
+changes the dynamics, never the solver; tracking adds to the state, never to the drift.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from . import _validation as v
+from .divergence import DivergenceEstimator, make_divergence
+from .dynamics import PFODE, CustomODE, CustomSDE, Dynamics, HDODE, ReverseSDE, SDEDynamics
+from .models import NFE, Model
+from .schedules import Schedule
+from .sde import SCHEMES, sdeint
+from .solvers import TABLEAUX, StepInfo, odeint
+
+__all__ = [
+    "sample",
+    "SampleResult",
+    "METHODS",
+    "Method",
+    "MethodContext",
+    "Option",
+    "Phase",
+    "Plan",
+    "register_method",
+    "REQUIRED",
+]
+
+GRIDS = ("log_snr", "uniform", "karras")
+DEFAULT_ODE_SOLVER = "heun"
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+"""Default of an option that has to be given."""
+
+
+# -- the registry --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """A method option: its default (or :data:`REQUIRED`), a check and a line of help.
+
+    ``check(value, name)`` returns the (possibly normalised) value or raises
+    ``ValueError`` / ``TypeError``.
+    """
+
+    default: Any = REQUIRED
+    check: Callable[[Any, str], Any] | None = None
+    doc: str = ""
+
+
+@dataclass
+class MethodContext:
+    """What a builder gets: the model, the latent and the checked options of one call.
+
+    ``divergence`` is the estimator chosen by the caller; ``dynamics_kwargs`` hands it to
+    dynamics that need ``div s`` only when the log-density is tracked.
+    """
+
+    model: Model
+    schedule: Schedule
+    x_T: Tensor
+    options: dict[str, Any]
+    track_logp: bool
+    divergence: DivergenceEstimator
+    cond: dict[str, Any]
+    nfe: NFE
+
+    @property
+    def dim(self) -> int:
+        return math.prod(self.x_T.shape[1:])
+
+    def dynamics_kwargs(self, *, needs_divergence: bool = True) -> dict[str, Any]:
+        """Keyword arguments shared by the dynamics of this call (conditioning, NFE counter, estimator)."""
+        div = self.divergence if (self.track_logp and needs_divergence) else None
+        return dict(cond=self.cond, nfe=self.nfe, divergence=div)
+
+
+@dataclass
+class Phase:
+    """A dynamics integrated from where the previous phase ended down to ``t_end``.
+
+    ``start(t, x)``, if given, is called with the state at the start of the phase
+    (e.g. to anchor dynamics that depend on where they start).
+    """
+
+    dynamics: Dynamics
+    t_end: float
+    name: str = ""
+    start: Callable[[float, Tensor], None] | None = None
+
+    @property
+    def stochastic(self) -> bool:
+        return isinstance(self.dynamics, SDEDynamics)
+
+
+@dataclass
+class Plan:
+    """A builder's answer: the phases, and optionally a replacement latent (e.g. a rescaled ``x_T``).
+
+    ``then(result)``, if given, is called with the :class:`SampleResult` of the plan and
+    may return another plan to run from its own latents (iterative methods such as
+    target shooting; network passes add up) or ``None`` to finish. ``reuse_probes``:
+    such a follow-up plan draws the same Hutchinson probes as the first one.
+    """
+
+    phases: list[Phase]
+    x_T: Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    then: Callable[["SampleResult"], "Plan | None"] | None = None
+    reuse_probes: bool = False
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered sampling method."""
+
+    name: str
+    build: Callable[[MethodContext], Plan]
+    options: Mapping[str, Option]
+    default_steps: int
+    description: str = ""
+
+
+METHODS: dict[str, Method] = {}
+
+# arguments of sample() that method options may not shadow
+_SAMPLE_KEYWORDS = (
+    "model", "n", "x_T", "method", "steps", "solver", "grid", "track_logp", "generator", "callback",
+    "model_kwargs", "divergence", "probes", "prior_logp", "dtype", "device", "rtol", "atol",
+)  # fmt: skip
+
+
+
+
+def register_method(
+    name: str,
+    build: Callable[[MethodContext], Plan],
+    *,
+    options: Mapping[str, Option] | None = None,
+    default_steps: int = 64,
+    description: str = "",
+    replace: bool = False,
+) -> Method:
+    """Add a method to :data:`METHODS` under ``name`` (``replace=True`` to overwrite)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"method name must be a non-empty string, got {name!r}")
+    if name in METHODS and not replace:
+        raise ValueError(f"method {name!r} is already registered (pass replace=True to overwrite)")
+    if not callable(build):
+        raise TypeError("build must be callable as build(context) -> Plan")
+    reserved = set(_SAMPLE_KEYWORDS) & set(options or {})
+    if reserved:
+        raise ValueError(f"option names {sorted(reserved)} clash with arguments of sample()")
+    method = Method(name, build, dict(options or {}), v.check_positive_int(default_steps, "default_steps"), description)
+    METHODS[name] = method
+    return method
+
+
+def _resolve_options(method: Method, given: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(given) - set(method.options))
+    if unknown:
+        valid = ", ".join(sorted(method.options)) or "none"
+        raise ValueError(f"unknown option(s) {unknown} for method {method.name!r}; its options: {valid}")
+    out = {}
+    for key, opt in method.options.items():
+        if key in given:
+            value = given[key]
+            out[key] = opt.check(value, key) if opt.check is not None else value
+        elif opt.default is REQUIRED:
+            raise ValueError(f"method {method.name!r} needs option {key!r}: {opt.doc}")
+        else:
+            out[key] = opt.default
+    return out
+
+
+# -- option checks ---------------------------------------------------------------------
+
+
+def check_float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_positive_float(value: Any, name: str) -> float:
+    value = check_float(value, name)
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return value
+
+
+def check_optional_float(value: Any, name: str) -> float | None:
+    return None if value is None else check_float(value, name)
+
+
+def check_callable(value: Any, name: str) -> Callable:
+    if not callable(value):
+        raise TypeError(f"{name} must be callable, got {type(value).__name__}")
+    return value
+
+
+def choice(*choices: Any) -> Callable[[Any, str], Any]:
+    def check(value: Any, name: str) -> Any:
+        return v.check_choice(value, name, choices)
+
+    return check
+
+
+def check_diffusion(value: Any, name: str) -> Any:
+    if value is None or callable(value):
+        return value
+    phi = check_float(value, name)
+    if phi < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return phi
+
+
+# -- built-in methods ---------------------------------------------------------------------
+
+
+def _threshold_time(ctx: MethodContext, log_snr: float) -> float:
+    sched = ctx.schedule
+    sched.check_log_snr(log_snr, name="log_snr_threshold")
+    t = float(sched.t_from_log_snr(torch.tensor(log_snr, dtype=torch.float64)))
+    return min(max(t, sched.t_min), sched.t_max)
+
+
+def _build_pf_ode(ctx: MethodContext) -> Plan:
+    return Plan([Phase(PFODE(ctx.model, **ctx.dynamics_kwargs()), ctx.schedule.t_min, "pf-ode")])
+
+
+def _reverse_sde(ctx: MethodContext) -> ReverseSDE:
+    return ReverseSDE(ctx.model, track_logp=ctx.track_logp, **ctx.dynamics_kwargs(needs_divergence=False))
+
+
+def _build_sde(ctx: MethodContext) -> Plan:
+    return Plan([Phase(_reverse_sde(ctx), ctx.schedule.t_min, "reverse-sde")])
+
+
+def _build_hd(ctx: MethodContext) -> Plan:
+    t_thr = _threshold_time(ctx, ctx.options["log_snr_threshold"])
+    if ctx.options["start"] == "sde":
+        first = Phase(_reverse_sde(ctx), t_thr, "reverse-sde")
+    else:
+        first = Phase(PFODE(ctx.model, **ctx.dynamics_kwargs()), t_thr, "pf-ode")
+    second = Phase(HDODE(ctx.model, **ctx.dynamics_kwargs()), ctx.schedule.t_min, "hd-ode")
+    return Plan([first, second], info=dict(t_threshold=t_thr))
+
+
+def _build_custom(ctx: MethodContext) -> Plan:
+    drift, diffusion = ctx.options["drift"], ctx.options["diffusion"]
+    if diffusion is None:
+        return Plan([Phase(CustomODE(ctx.model, drift, **ctx.dynamics_kwargs()), ctx.schedule.t_min, "custom-ode")])
+    dyn = CustomSDE(ctx.model, drift, diffusion, track_logp=ctx.track_logp, **ctx.dynamics_kwargs())
+    return Plan([Phase(dyn, ctx.schedule.t_min, "custom-sde")])
+
+
+_THRESHOLD_DOC = "logSNR at which to switch to the high-density ODE (lower: earlier switch, higher log p_0)"
+
+register_method(
+    "pf-ode",
+    _build_pf_ode,
+    default_steps=64,
+    description="probability-flow ODE; log p from the divergence of its drift (MATH.md s.3a)",
+)
+register_method(
+    "sde",
+    _build_sde,
+    default_steps=256,
+    description="reverse SDE; log p carried by the same Gaussian increments (MATH.md s.3c)",
+)
+register_method(
+    "hd",
+    _build_hd,
+    options={
+        "log_snr_threshold": Option(REQUIRED, check_float, _THRESHOLD_DOC),
+        "start": Option("pf-ode", choice("pf-ode", "sde"), "dynamics above the threshold: 'pf-ode' or 'sde'"),
+    },
+    default_steps=64,
+    description="high-density sampling: PF-ODE (or SDE) to a logSNR threshold, then u = f x - g^2 s (MATH.md s.4d)",
+)
+register_method(
+    "custom",
+    _build_custom,
+    options={
+        "drift": Option(REQUIRED, check_callable, "drift(x, t, score) -> dx/dt (t float64 (B,))"),
+        "diffusion": Option(None, check_diffusion, "None (ODE), a number phi >= 0 or diffusion(x, t) -> phi (SDE, G = phi I)"),
+    },
+    default_steps=64,
+    description="a user ODE (MATH.md s.3b) or SDE with G = phi I (s.3d)",
+)
+
+# -- sample() ---------------------------------------------------------------------------------
+
+
+@dataclass
+class SampleResult:
+    """Samples and their tracked log-density.
+
+    ``x``: ``(B, *event_shape)`` samples at ``t_min``. ``logp``: float64 ``(B,)``
+    ``log p_{t_min}(x)`` (``None`` when not tracked). ``x_T``: the latents actually
+    integrated, with ``prior_logp`` their log-density at ``t_max``. ``ts``: float64
+    ``(S + 1,)`` times of the accepted steps (all phases), ``logp_path`` float64
+    ``(S + 1, B)`` the tracked log-density there. ``nfe``: network passes per sample.
+    """
+
+    x: Tensor
+    logp: Tensor | None
+    nfe: NFE
+    x_T: Tensor
+    prior_logp: Tensor | None
+    ts: Tensor
+    logp_path: Tensor | None
+    steps: int
+    method: str
+    settings: dict
+
+
+def _model_parameter(model: Any) -> Tensor | None:
+    for obj in (model, getattr(model, "fn", None), getattr(model, "model", None), getattr(model, "net", None)):
+        if isinstance(obj, torch.nn.Module):
+            for p in obj.parameters():
+                return p
+    return None
+
+
+def _draw_latent(model: Model, n: Any, generator, dtype, device) -> Tensor:
+    v.check_positive_int(n, "n")
+    event_shape = getattr(model, "event_shape", None)
+    if event_shape is None:
+        raise ValueError("the model has no event_shape: pass x_T of shape (B, *event_shape) instead of n")
+    p = _model_parameter(model)
+    dtype = dtype or (p.dtype if p is not None and p.is_floating_point() else torch.get_default_dtype())
+    device = torch.device(device) if device is not None else (p.device if p is not None else torch.device("cpu"))
+    gen_device = generator.device if generator is not None else device
+    z = torch.randn((n, *event_shape), generator=generator, dtype=dtype, device=gen_device).to(device)
+    return z * model.schedule.prior_std
+
+
+def _split_grid(grid: Tensor, ends: list[float]) -> list[Tensor]:
+    """Cut the decreasing ``grid`` at the phase ends, moving the nearest free interior point onto each."""
+    grid = grid.clone()
+    tol = 1e-12 * max(1.0, float(grid.abs().max()))
+    cuts = [0]
+    for t_end in ends[:-1]:
+        hit = (grid - t_end).abs() <= tol
+        if hit.any():
+            i = int(hit.nonzero()[0])
+        else:
+            j = int((grid > t_end).sum()) - 1  # grid[j] > t_end > grid[j + 1]
+            candidates = [k for k in sorted((j, j + 1), key=lambda k: abs(float(grid[k]) - t_end)) if 0 < k < len(grid) - 1 and k > cuts[-1]]
+            if candidates:
+                i = candidates[0]
+                grid[i] = t_end
+            else:  # no free point (very few steps): insert one
+                grid = torch.cat([grid[: j + 1], grid.new_tensor([t_end]), grid[j + 1 :]])
+                i = j + 1
+        cuts.append(max(i, cuts[-1]))
+    cuts.append(len(grid) - 1)
+    return [grid[a : b + 1] for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def _resolve_solver(solver: Any, phases: list[Phase], method: str) -> list[str]:
+    """The integrator of each phase: an ODE tableau or a stochastic scheme."""
+    chosen: dict[str, str | None] = {"ode": None, "sde": None}
+    kinds = {"sde" if p.stochastic else "ode" for p in phases}
+    if solver is None:
+        pass
+    elif isinstance(solver, str):
+        if solver in TABLEAUX:
+            kind = "ode"
+        elif solver in SCHEMES:
+            kind = "sde"
+        else:
+            raise ValueError(
+                f"unknown solver {solver!r}; expected an ODE solver {tuple(sorted(TABLEAUX))} "
+                f"or a stochastic scheme {SCHEMES}"
+            )
+        if kind not in kinds:
+            what = "deterministic" if kind == "ode" else "stochastic"
+            raise ValueError(f"solver {solver!r} integrates {what} phases, but method {method!r} has none")
+        chosen[kind] = solver
+    elif isinstance(solver, dict):
+        bad = sorted(set(solver) - {"ode", "sde"})
+        if bad:
+            raise ValueError(f"solver dict keys must be 'ode' and/or 'sde', got {bad}")
+        if "ode" in solver:
+            chosen["ode"] = v.check_choice(solver["ode"], "ODE solver", TABLEAUX)
+        if "sde" in solver:
+            chosen["sde"] = v.check_choice(solver["sde"], "stochastic scheme", SCHEMES)
+    else:
+        raise TypeError(f"solver must be a name, a dict {{'ode': ..., 'sde': ...}} or None, got {type(solver).__name__}")
+    out = []
+    for p in phases:
+        if not p.stochastic:
+            out.append(chosen["ode"] or DEFAULT_ODE_SOLVER)
+            continue
+        kernel = getattr(p.dynamics, "gaussian_kernel", False)
+        scheme = chosen["sde"] or ("tweedie" if kernel else "euler-maruyama")
+        if scheme != "euler-maruyama" and not kernel:
+            raise ValueError(
+                f"stochastic scheme {scheme!r} needs the model's reverse SDE; phase {p.name!r} of method "
+                f"{method!r} can only use 'euler-maruyama'"
+            )
+        out.append(scheme)
+    return out
+
+
+def _require_rate(dyn: Dynamics, phase: str) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """``dyn`` for odeint, refusing to carry log p on silently when it returns no rate."""
+
+    def func(t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        u, rate = dyn(t, x)
+        if rate is None:
+            raise RuntimeError(
+                f"phase {phase!r}: {type(dyn).__name__} returned no log-density rate although track_logp=True "
+                f"(build it with the context's dynamics_kwargs(), which passes the divergence estimator)"
+            )
+        return u, rate
+
+    return func
+
+
+def _describe(value: Any) -> Any:
+    if callable(value) and not isinstance(value, (int, float, str)):
+        return getattr(value, "__name__", type(value).__name__)
+    return value
+
+
+def sample(
+    model: Model,
+    n: int | None = None,
+    *,
+    x_T: Tensor | None = None,
+    method: str = "pf-ode",
+    steps: int | None = None,
+    solver: str | dict[str, str] | None = None,
+    grid: str = "log_snr",
+    track_logp: bool = True,
+    generator: torch.Generator | None = None,
+    callback: Callable[[StepInfo], None] | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    divergence: str | DivergenceEstimator = "hutchinson",
+    probes: int = 1,
+    prior_logp: Callable[[Tensor], Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    **method_options: Any,
+) -> SampleResult:
+    """Draw samples and track ``log p_{t_min}`` of each one along its trajectory.
+
+    Args:
+        model: a score model (``.score(x, t, **cond)`` and ``.schedule``).
+        n: number of samples, drawn as ``x_T ~ N(0, sigma_T^2 I)`` (needs
+            ``model.event_shape``); or give ``x_T`` ``(B, *event_shape)`` instead.
+        method: a name in :data:`METHODS` -- ``"pf-ode"``, ``"sde"``, ``"hd"``,
+            ``"custom"`` or a registered one. Its options are
+            passed as keywords (``log_snr_threshold=`` for ``"hd"``, ``drift=`` /
+            ``diffusion=`` for ``"custom"``, ...); unknown ones raise ``ValueError``.
+        steps: steps on ``grid`` from ``t_max`` to ``t_min``, shared by all phases
+            (each phase boundary moves the nearest grid point onto itself); default
+            per method (64 for ODEs, 256 for ``"sde"``).
+        solver: ODE phases take a Runge-Kutta solver (``"heun"`` default, ``"euler"``,
+            ``"midpoint"``, ``"rk4"``, adaptive ``"bosh3"`` / ``"dopri5"`` with
+            ``rtol`` / ``atol``); stochastic phases a scheme of :mod:`diffdensity.sde`
+            (``"tweedie"`` default for the reverse SDE, ``"ancestral"``,
+            ``"euler-maruyama"``, the only one for custom SDEs). Give a name (it applies
+            to the phases of its kind) or ``{"ode": ..., "sde": ...}``.
+        grid: ``"log_snr"`` (uniform in logSNR), ``"uniform"`` or ``"karras"``.
+        track_logp: carry the log-density (``False``: plain sampling, same ``x``).
+        generator: the only source of randomness (latents, Brownian increments and,
+            through a seed drawn from it, Hutchinson probes): same seed, same result,
+            with or without tracking.
+        callback: called with a :class:`~diffdensity.solvers.StepInfo` after every step.
+        model_kwargs: conditioning passed to ``model.score``.
+        divergence, probes: estimator of ``div s`` for dynamics that need it when
+            tracking (``"hutchinson"`` with ``probes`` Rademacher probes, ``"exact"``,
+            or an estimator instance).
+        prior_logp: ``log p_{t_max}`` of the latents (default the Gaussian prior).
+        dtype, device: of the drawn latents (default: the model's parameters, else
+            float32 on the CPU).
+
+    Returns:
+        :class:`SampleResult` with ``.x``, ``.logp`` (float64 ``(B,)`` or ``None``),
+        ``.nfe``, the per-step ``.logp_path`` / ``.ts`` and the settings.
+    """
+    v.check_model(model)
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {tuple(METHODS)}")
+    spec = METHODS[method]
+    options = _resolve_options(spec, method_options)
+    steps = spec.default_steps if steps is None else v.check_positive_int(steps, "steps")
+    v.check_choice(grid, "grid", GRIDS)
+    v.check_positive_int(probes, "probes")
+    if not isinstance(track_logp, bool):
+        raise TypeError(f"track_logp must be a bool, got {type(track_logp).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError("callback must be callable")
+    if prior_logp is not None and not callable(prior_logp):
+        raise TypeError("prior_logp must be callable as prior_logp(x_T) -> (B,)")
+    cond = v.check_kwargs(model_kwargs)
+    est = make_divergence(divergence, probes)
+    if x_T is not None:
+        x_T = v.check_x(x_T, model, name="x_T")
+        if n is not None and n != x_T.shape[0]:
+            raise ValueError(f"n={n!r} disagrees with the batch of x_T ({x_T.shape[0]}); give one of them")
+    elif n is None:
+        raise ValueError("give the number of samples n or the latents x_T")
+    else:
+        x_T = _draw_latent(model, n, generator, dtype, device)
+    # Hutchinson probes get their own stream, seeded from the generator whether or not
+    # they are used, so that tracking never changes the samples.
+    probe_gen = None
+    if generator is not None:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        probe_gen = torch.Generator(device=generator.device).manual_seed(seed)
+
+    sched = model.schedule
+    nfe = NFE()
+    ctx = MethodContext(model, sched, x_T, options, track_logp, est, cond, nfe)
+    plan = spec.build(ctx)
+    probe_seed = None if probe_gen is None else probe_gen.initial_seed()
+    passes = 0
+    while True:
+        result = _run_plan(plan, ctx, method=method, steps=steps, grid=grid, solver=solver, probe_gen=probe_gen,
+                           generator=generator, callback=callback, prior_logp=prior_logp, rtol=rtol, atol=atol, est=est)  # fmt: skip
+        passes += 1
+        plan = plan.then(result) if plan.then is not None else None
+        if plan is None:
+            result.settings["passes"] = passes
+            return result
+        if plan.reuse_probes and probe_seed is not None:
+            probe_gen = torch.Generator(device=probe_gen.device).manual_seed(probe_seed)
+
+
+def _run_plan(plan: Plan, ctx: MethodContext, *, method, steps, grid, solver, probe_gen, generator, callback, prior_logp, rtol, atol, est) -> "SampleResult":
+    """Integrate the phases of one plan from its latents; the result of this pass."""
+    model, sched, x_T, track_logp, nfe, options = ctx.model, ctx.schedule, ctx.x_T, ctx.track_logp, ctx.nfe, ctx.options
+    if not plan.phases:
+        raise RuntimeError(f"method {method!r} built no phase")
+    ends = [float(p.t_end) for p in plan.phases]
+    if any(b > a for a, b in zip([sched.t_max] + ends, ends)) or abs(ends[-1] - sched.t_min) > 1e-12 * max(1.0, abs(sched.t_min)):
+        raise RuntimeError(f"method {method!r}: phase ends {ends} must decrease from t_max to t_min={sched.t_min:g}")
+    x = x_T if plan.x_T is None else v.check_x(plan.x_T, model, name="x_T from the method")
+    solvers = _resolve_solver(solver, plan.phases, method)
+    pieces = _split_grid(sched.time_grid(steps, spacing=grid), ends)
+
+    lp0 = None
+    if track_logp:
+        lp0 = (prior_logp or sched.prior_log_prob)(x)
+        if not isinstance(lp0, Tensor) or lp0.shape != (x.shape[0],):
+            raise ValueError(f"prior_logp must return a ({x.shape[0]},) tensor")
+        lp0 = lp0.to(torch.float64)
+    lp = lp0
+    times: list[Tensor] = []
+    paths: list[Tensor] = []
+    offset, phase_log = 0, []
+    with torch.no_grad():
+        for k, (phase, ts, name) in enumerate(zip(plan.phases, pieces, solvers)):
+            if len(ts) < 2:
+                continue
+            dyn = phase.dynamics
+            dyn.reset(probe_gen)
+            if phase.start is not None:
+                phase.start(float(ts[0]), x)
+            first = offset == 0
+
+            def cb(info: StepInfo, _offset=offset, _first=first) -> None:
+                if callback is not None and (info.step > 0 or _first):
+                    callback(StepInfo(info.step + _offset, info.t, info.x, info.logp))
+
+            if phase.stochastic:
+                sol = sdeint(dyn, x, ts, logp=lp, scheme=name, generator=generator, callback=cb, begin_step=dyn.begin_step)
+            else:
+                func = _require_rate(dyn, phase.name) if track_logp else dyn
+                sol = odeint(
+                    func, x, ts, logp=lp, method=name, rtol=rtol, atol=atol, callback=cb,
+                    begin_step=dyn.begin_step, fsal=not dyn.step_dependent,
+                )  # fmt: skip
+            x, lp = sol.x, sol.logp
+            times.append(sol.ts if first else sol.ts[1:])
+            if sol.logp_path is not None:
+                paths.append(sol.logp_path if first else sol.logp_path[1:])
+            phase_log.append(dict(name=phase.name, solver=name, t_start=float(ts[0]), t_end=float(ts[-1]), steps=sol.steps))
+            offset += sol.steps
+    if not torch.isfinite(x).all():
+        raise FloatingPointError(f"sampling with method {method!r} produced NaN or Inf (steps={steps}); try more steps")
+    settings = dict(
+        method=method,
+        options={k: _describe(val) for k, val in options.items()},
+        steps=steps,
+        grid=grid,
+        solvers=solvers,
+        divergence=repr(est) if track_logp else None,
+        track_logp=track_logp,
+        phases=phase_log,
+        **plan.info,
+    )
+    return SampleResult(
+        x=x,
+        logp=lp,
+        nfe=nfe,
+        x_T=x_T if plan.x_T is None else plan.x_T,
+        prior_logp=lp0,
+        ts=torch.cat(times),
+        logp_path=torch.cat(paths) if paths else None,
+        steps=offset,
+        method=method,
+        settings=settings,
+    )
