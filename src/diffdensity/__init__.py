@@ -6,6 +6,7 @@ from .divergence import Exact, Hutchinson
 from .guidance import _register as _register_guidance
 from .guidance import chi_quantile, rescale_latent
 from .likelihood import bits_per_dim, log_likelihood
+from .pretrained import load_pretrained
 from .models import NFE, ClassifierFreeGuidance, ScoreModel
 from .typicality import typicality
 from .sampling import SampleResult, sample
@@ -31,6 +32,7 @@ __all__ = [
     "NFE",
     "GaussianMixture",
     "random_rotation",
+    "load_pretrained",
     # divergence
     "Exact",
     "Hutchinson",
