@@ -104,12 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=positive_int, default=None, help="torch threads")
     r.set_defaults(func=commands.train)
 
-    try:
-        from .evaluate import register as register_logp
-    except ImportError:  # pragma: no cover - evaluate ships with the package
-        pass
-    else:
-        register_logp(sub)
+    from .evaluate import register as register_logp
+
+    register_logp(sub)
     return p
 
 
