@@ -185,10 +185,22 @@ def detail(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.images:
-        from .evaluate import load_images
+        import sys
+
+        from .evaluate import list_images, read_image
         from .likelihood import bits_per_dim as bpd_of
 
-        names, u8 = load_images(args.images, shape)
+        names, arrays = [], []
+        for f in list_images(args.images):
+            arr, status, msg = read_image(f, shape)
+            if arr is None:
+                print(f"skipping {f} ({status}): {msg}", file=sys.stderr)
+                continue
+            names.append(f)
+            arrays.append(torch.from_numpy(arr))
+        if not arrays:
+            raise ValueError(f"no readable {shape} images in {args.images}")
+        u8 = torch.stack(arrays)
         res = bpd_of(model, u8, draws=1, steps=args.steps, generator=torch.Generator().manual_seed(args.seed))
         bpd = res.bpd
     else:
