@@ -8,6 +8,7 @@ from .guidance import chi_quantile, rescale_latent
 from .likelihood import bits_per_dim, log_likelihood
 from .pretrained import load_pretrained
 from .models import NFE, ClassifierFreeGuidance, ScoreModel
+from .mode_tracking import ModeTrackingResult, mode_tracking
 from .typicality import typicality
 from .sampling import SampleResult, sample
 from .schedules import EDM, VE, VP, DiscreteVP, RectifiedFlow, Schedule, VPCosine, VPLinear
@@ -44,6 +45,8 @@ __all__ = [
     "SampleResult",
     "rescale_latent",
     "chi_quantile",
+    "mode_tracking",
+    "ModeTrackingResult",
     # diagnostics
     "score_alignment",
     "typicality",

@@ -105,7 +105,8 @@ class Dynamics:
 
 
 def _expand(v: Tensor, x: Tensor) -> Tensor:
-    return v.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    """``v`` (a scalar or ``(B,)``) shaped to broadcast against ``x``, on its device and dtype."""
+    return v.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
 class PFODE(Dynamics):
@@ -274,7 +275,7 @@ class ReverseSDE(SDEDynamics):
         sv = self.schedule(t)
         s = self.score(t, x)
         u = _expand(sv.f, x) * x - _expand(sv.g2, x) * s
-        g = sv.g2.sqrt().to(torch.float64).expand(x.shape[0])
+        g = sv.g2.sqrt().to(device=x.device, dtype=torch.float64).expand(x.shape[0])
         rate = None
         if self.track_logp:
             dim = math.prod(x.shape[1:])

@@ -165,8 +165,6 @@ _SAMPLE_KEYWORDS = (
 )  # fmt: skip
 
 
-
-
 def register_method(
     name: str,
     build: Callable[[MethodContext], Plan],
