@@ -25,14 +25,6 @@ START = "fork" if sys.platform == "linux" else "spawn"
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_torchrun_two_gloo_ranks_match_one_process(tmp_path):
     folder = tmp_path / "patches"
     write_images(folder, 7, size=(16, 16))

@@ -81,15 +81,6 @@ def assert_same_results(a: list[dict], b: list[dict], tol: float = 1e-9) -> None
             assert x["nfe"] == y["nfe"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems: intra-op threads only add synchronisation (and stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     return make_model()

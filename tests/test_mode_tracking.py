@@ -8,21 +8,9 @@ import torch
 import diffdensity as dd
 from diffdensity.mode_tracking import ModeTrackingODE, conjugate_gradient, mode_tracking
 from diffdensity.sampling import sample
+from conftest import gen
 
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small problems: intra-op threads only add synchronisation on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 def mixture(dim, k=3, seed=0, std_range=(0.1, 1.0), mean_scale=2.0):

@@ -15,34 +15,14 @@ import torch
 import diffdensity as dd
 from diffdensity.divergence import Exact
 from diffdensity.sampling import sample
+from conftest import gen, make_mixture
 
 F64 = torch.float64
 EXACT = dict(divergence=Exact(mode="reverse"))  # exact div s in D = 2 (two reverse passes)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small problems: intra-op threads only add synchronisation on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
 def mixture(dim, k=3, seed=0, std_range=(0.1, 1.0), schedule=None):
-    g = gen(seed)
-    lo, hi = math.log(std_range[0]), math.log(std_range[1])
-    return dd.GaussianMixture(
-        torch.randn(k, dim, generator=g, dtype=F64),
-        torch.exp(torch.empty(k, dim, dtype=F64).uniform_(lo, hi, generator=g)),
-        torch.empty(k, dtype=F64).uniform_(0.5, 1.5, generator=g),
-        schedule=schedule or dd.VP(),
-        rotation=dd.random_rotation(dim, generator=g),
-    )
+    return make_mixture(schedule or dd.VP(), dim, k, seed=seed, std_range=std_range)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ guidance works). Two ways to measure it, which must agree:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
