@@ -298,3 +298,12 @@ def test_guided_sampling_bad_input(mix512):
         dd.sample(mix512, x_T=x_T, method="density-guidance", target_logp=0.0, track_logp=False)
     with pytest.raises(ValueError, match="unknown option"):
         dd.sample(mix512, x_T=x_T, method="prior-guidance", q=0.5, eta=2)
+
+
+def test_score_alignment_reverse_mode_fallback_agrees_with_forward_mode():
+    gmm = mixture(8)
+    x_T = torch.randn(4, 8, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    for method in ("with-score", "without-score"):
+        fwd = score_alignment(gmm, x_T, steps=8, method=method, mode="forward", generator=torch.Generator().manual_seed(1))
+        rev = score_alignment(gmm, x_T, steps=8, method=method, mode="reverse", generator=torch.Generator().manual_seed(1))
+        assert torch.allclose(fwd.values, rev.values, rtol=1e-9, atol=1e-9), method

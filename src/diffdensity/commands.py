@@ -34,6 +34,30 @@ def _latents(model, shape, n: int, seed: int, device) -> torch.Tensor:
     return model.schedule.prior_sample((n, *shape), generator=g, dtype=dtype).to(device)
 
 
+class _Progress:
+    """A tqdm bar over solver steps, as a ``sample`` callback (one bar per sampler run)."""
+
+    def __init__(self, steps: int, desc: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=steps, desc=desc, leave=False, unit="step")
+
+    def __call__(self, info) -> None:
+        if info.step > self.bar.n:
+            self.bar.update(info.step - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _with_progress(draw, desc: str, steps: int, **kwargs):
+    bar = _Progress(steps, desc)
+    try:
+        return draw(callback=bar, steps=steps, **kwargs)
+    finally:
+        bar.close()
+
+
 def bits_per_dim(logp: torch.Tensor, dim: int) -> torch.Tensor:
     """Continuous log-density of an image in [-1, 1] as bits/dim of its 8-bit version (MATH.md s.7)."""
     return -logp / (dim * math.log(2)) + 7
@@ -68,7 +92,7 @@ def demo(args: argparse.Namespace) -> int:
     print(f"{'sampler':<16} {'mean log p [nats]':>18} {'mean bits/dim':>14} {'NFE':>28} {'time [s]':>9}")
     for k, (name, opts) in enumerate(runs):
         t0 = time.perf_counter()
-        res = sample(model, x_T=x_T.clone(), steps=args.steps, generator=g(k), **opts)
+        res = _with_progress(sample, name, args.steps, model=model, x_T=x_T.clone(), generator=g(k), **opts)
         dt = time.perf_counter() - t0
         bpd = bits_per_dim(res.logp, dim)
         rows.append(res.x)
@@ -126,8 +150,8 @@ def sample(args: argparse.Namespace) -> int:
     if args.solver is not None:
         opts["solver"] = args.solver
     x_T = _latents(model, shape, args.n, args.seed, args.device)
-    res = draw(model, x_T=x_T, method=args.method, steps=args.steps, track_logp=not args.no_track, probes=args.probes,
-               generator=torch.Generator().manual_seed(args.seed + 1), **opts)
+    res = _with_progress(draw, args.method, args.steps, model=model, x_T=x_T, method=args.method, track_logp=not args.no_track,
+                         probes=args.probes, generator=torch.Generator().manual_seed(args.seed + 1), **opts)
     dim = math.prod(shape)
     rows = []
     if len(shape) == 3 and shape[0] in (1, 3):
@@ -211,7 +235,8 @@ def detail(args: argparse.Namespace) -> int:
         xs, lps, names = [], [], []
         for k, q in enumerate(qs):
             x_T = _latents(model, shape, per, args.seed + k, args.device)
-            r = draw(model, x_T=x_T, method="density-guidance", q=q, steps=args.steps, generator=torch.Generator().manual_seed(args.seed + 100 + k))
+            r = _with_progress(draw, f"q={q:g}", args.steps, model=model, x_T=x_T, method="density-guidance", q=q,
+                               generator=torch.Generator().manual_seed(args.seed + 100 + k))
             xs.append(r.x)
             lps.append(r.logp)
             names += [f"q{q:g}_{i}" for i in range(per)]
