@@ -196,7 +196,8 @@ def make_divergence(divergence: str | DivergenceEstimator, probes: int = 1) -> D
 def jacobian_vector_product(fn: Callable[[Tensor], Tensor], x: Tensor, v: Tensor, *, mode: str = "auto") -> tuple[Tensor, Tensor, str]:
     """``(fn(x), J_fn(x) v, mode_used)``: forward mode, or the double-VJP trick in reverse mode.
 
-    Reverse mode computes ``J v = d/dw [ (J^T w) . v ]`` (needs double backward).
+    Reverse mode computes ``J v = d/dw [ (J^T w) . v ]`` (needs double backward); called on
+    an ``x`` that requires grad (nested in another product) it keeps the graph.
     """
     if mode in ("auto", "forward"):
         try:
@@ -206,9 +207,10 @@ def jacobian_vector_product(fn: Callable[[Tensor], Tensor], x: Tensor, v: Tensor
             if mode == "forward":
                 raise
     with torch.enable_grad():
-        xg = x.detach().requires_grad_(True)
+        nested = x.requires_grad  # inside an outer differentiation: keep the graph
+        xg = x if nested else x.detach().requires_grad_(True)
         fx = fn(xg)
         w = torch.zeros_like(fx, requires_grad=True)
         (jtw,) = torch.autograd.grad(fx, xg, w, create_graph=True)
-        (jv,) = torch.autograd.grad(jtw, w, v)
-    return fx.detach(), jv, "reverse"
+        (jv,) = torch.autograd.grad(jtw, w, v, create_graph=nested)
+    return (fx if nested else fx.detach()), jv, "reverse"
