@@ -1,18 +1,23 @@
 """Density guidance on an exact mixture in D = 3072: control, tracking accuracy and cost.
 
-Side by side in one run, on the rotated 3x32x32 mixture ``gmm:image32`` (VP schedule):
+Side by side in one run, on a rotated 3x32x32 mixture (VP schedule; by default the
+``anisotropic`` mixture of ``benchmarks/likelihood.py``; ``--mixture component`` for its
+isotropic-component one, ``--mixture image32`` for ``gmm:image32``):
 
 1. DG-ODE for q in {0.1, 0.3, 0.5, 0.7, 0.9}: exact mean log p_0 of the samples (must
    increase with q), tracked-vs-exact mean absolute error, NFE, wall time; q = 0.5
    against the PF-ODE (identical samples).
 2. Target mode: requested vs achieved exact log p_0.
 3. DG-SDE with the "early" and "late" noise windows: spread of log p_0 over noise seeds
-   for fixed latents, against the DG-ODE value.
+   for fixed latents, against the DG-ODE value. Early noise moves samples between
+   components, so this part uses the same mixture with stds shared by all components
+   (every mode at the same density level); otherwise a component switch alone changes
+   log p_0 by the difference of the components' levels.
 4. Wall-time ratios measured back to back: DG-ODE / PF-ODE (no tracking, equal steps),
    DG-SDE / DG-ODE (tracking), score alignment without / with the score.
 
-    python benchmarks/guidance.py            # n = 16 latents
-    python benchmarks/guidance.py --n 8 --steps 64
+    python benchmarks/guidance.py --n 6 --probes 4       # anisotropic mixture, heun 128 steps
+    python benchmarks/guidance.py --mixture component    # isotropic components: little Hutchinson noise
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 import diffdensity as dd
 from diffdensity.alignment import score_alignment
 from diffdensity.zoo import gmm_preset
+from likelihood import mixture
 
 
 def timed(fn, repeats: int = 1):
@@ -38,12 +44,13 @@ def timed(fn, repeats: int = 1):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--n", type=int, default=8)
     p.add_argument("--steps", type=int, default=128)
-    p.add_argument("--probes", type=int, default=4)
-    p.add_argument("--preset", default="image32")
+    p.add_argument("--probes", type=int, default=1)
+    p.add_argument("--mixture", default="anisotropic", choices=["component", "anisotropic", "image32"])
     a = p.parse_args()
-    gmm = gmm_preset(a.preset)
+    gmm = gmm_preset("image32") if a.mixture == "image32" else mixture(a.mixture)
+    gmm = dd.GaussianMixture(gmm.means.reshape(-1, 3, 32, 32), gmm.stds.reshape(-1, 3, 32, 32), gmm.log_weights.exp(), schedule=gmm.schedule, rotation=gmm.rotation)
     sched = gmm.schedule
     x_T = sched.prior_sample((a.n, *gmm.event_shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     exact = lambda x: gmm.log_prob(x, sched.t_min)  # noqa: E731
@@ -72,7 +79,10 @@ def main() -> None:
     print(f"   targets {float(targets[0]):.0f}..{float(targets[-1]):.0f} nats: MAE |exact - target| = {float((ex - targets).abs().mean()):.2f} nats, "
           f"max {float((ex - targets).abs().max()):.2f}; tracked vs exact MAE {float((r.logp - ex).abs().mean()):.2f}; {r.nfe}; {dt:.1f} s\n")
 
-    print("3. DG-SDE (q=0.7): log p0 over 4 noise seeds for the first 4 latents, against DG-ODE")
+    print("3. DG-SDE (q=0.7): log p0 over 4 noise seeds for the first 4 latents, against DG-ODE (stds shared by the components)")
+    k = gmm.means.shape[0]
+    gmm = dd.GaussianMixture(gmm.means.reshape(k, *gmm.event_shape), gmm.stds[:1].expand(k, -1).reshape(k, *gmm.event_shape),
+                             gmm.log_weights.exp(), schedule=sched, rotation=gmm.rotation)
     ode = dd.sample(gmm, x_T=x_T[:4], method="density-guidance", q=0.7, track_logp=False, steps=a.steps)
     ode_lp = exact(ode.x)
     for window in ("early", "late"):
