@@ -203,9 +203,12 @@ def noise_schedule(spec: Any, schedule: Schedule) -> Callable[[Tensor], float]:
             return value
 
         return from_callable
-    windows = NOISE_WINDOWS.get(spec, spec) if isinstance(spec, str) else spec
-    if isinstance(spec, str) and spec not in NOISE_WINDOWS:
-        raise ValueError(f"unknown noise schedule {spec!r}; expected one of {sorted(NOISE_WINDOWS)}, windows or a callable")
+    if isinstance(spec, str):
+        if spec not in NOISE_WINDOWS:
+            raise ValueError(f"unknown noise schedule {spec!r}; expected one of {sorted(NOISE_WINDOWS)}, windows or a callable")
+        windows = NOISE_WINDOWS[spec]
+    else:
+        windows = spec
     try:
         windows = [(float(lo), float(hi), float(val)) for lo, hi, val in windows]
     except (TypeError, ValueError):
@@ -395,10 +398,11 @@ def _build_prior_guidance(ctx):
     from .dynamics import PFODE
     from .sampling import Phase, Plan
 
-    q = float(_check_quantiles(ctx.options["q"], "q")) if torch.as_tensor(ctx.options["q"]).ndim == 0 else None
-    if q is None:
+    q = ctx.options["q"]  # checked by _check_quantiles
+    if q.ndim != 0:
         raise ValueError("prior guidance takes one quantile q for all latents")
-    return Plan([Phase(PFODE(ctx.model, **ctx.dynamics_kwargs()), ctx.schedule.t_min, "pf-ode")], x_T=rescale_latent(ctx.x_T, q, ctx.schedule))
+    x_T = rescale_latent(ctx.x_T, float(q), ctx.schedule)
+    return Plan([Phase(PFODE(ctx.model, **ctx.dynamics_kwargs()), ctx.schedule.t_min, "pf-ode")], x_T=x_T)
 
 
 def _check_noise(value: Any, name: str) -> Any:
