@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--solver", default=None, help="ODE solver (euler, heun, rk4, ...); default: the method's")
     s.add_argument("--q", type=quantile, default=None, help="quantile for density / prior guidance")
     s.add_argument("--log-snr-threshold", type=float, default=None, help="switch point of the high-density sampler")
+    s.add_argument("--target-logp", type=float, default=None, help="density guidance: wanted log p_0 in nats (instead of --q)")
+    s.add_argument("--noise", choices=["early", "late"], default=None, help="noise window of stochastic density guidance")
     s.add_argument("--no-track", action="store_true", help="do not track the log-density")
     s.add_argument("--probes", type=positive_int, default=1, help="Hutchinson probes per step for tracking")
     s.add_argument("--out", default="out/samples", help="output folder (PNG files, grid.png and samples.csv)")

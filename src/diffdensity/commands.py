@@ -145,8 +145,9 @@ def sample(args: argparse.Namespace) -> int:
     opts = {}
     if args.q is not None:
         opts["q"] = args.q
-    if args.log_snr_threshold is not None:
-        opts["log_snr_threshold"] = args.log_snr_threshold
+    for key in ("log_snr_threshold", "target_logp", "noise"):
+        if getattr(args, key) is not None:
+            opts[key] = getattr(args, key)
     if args.solver is not None:
         opts["solver"] = args.solver
     x_T = _latents(model, shape, args.n, args.seed, args.device)
