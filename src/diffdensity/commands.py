@@ -40,7 +40,7 @@ class _Progress:
     def __init__(self, steps: int, desc: str):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=steps, desc=desc, leave=False, unit="step")
+        self.bar = tqdm(total=steps, desc=desc, leave=False, unit="step", disable=None)  # off without a terminal
 
     def __call__(self, info) -> None:
         if info.step > self.bar.n:
