@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .likelihood import logp_to_bpd
+
 __all__ = ["demo", "sample", "align", "detail", "train"]
 
 
@@ -58,11 +60,6 @@ def _with_progress(draw, desc: str, steps: int, **kwargs):
         bar.close()
 
 
-def bits_per_dim(logp: torch.Tensor, dim: int) -> torch.Tensor:
-    """Continuous log-density of an image in [-1, 1] as bits/dim of its 8-bit version (MATH.md s.7)."""
-    return -logp / (dim * math.log(2)) + 7
-
-
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w", newline="") as f:
@@ -94,7 +91,7 @@ def demo(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         res = _with_progress(sample, name, args.steps, model=model, x_T=x_T.clone(), generator=g(k), **opts)
         dt = time.perf_counter() - t0
-        bpd = bits_per_dim(res.logp, dim)
+        bpd = logp_to_bpd(res.logp, dim)
         rows.append(res.x)
         labels.append(name)
         cells.append([f"{lp:.0f} / {b:.2f}" for lp, b in zip(res.logp.tolist(), bpd.tolist())])
@@ -165,7 +162,7 @@ def sample(args: argparse.Namespace) -> int:
         save_grid(out / "grid.png", [res.x[i : i + 8] for i in range(0, len(res.x), 8)])
     for i in range(args.n):
         lp = None if res.logp is None else float(res.logp[i])
-        rows.append([f"sample_{i:04d}", "" if lp is None else f"{lp:.6f}", "" if lp is None else f"{float(bits_per_dim(res.logp[i], dim)):.6f}"])
+        rows.append([f"sample_{i:04d}", "" if lp is None else f"{lp:.6f}", "" if lp is None else f"{float(logp_to_bpd(res.logp[i], dim)):.6f}"])
     _write_csv(out / "samples.csv", ["sample", "logp_nats", "bits_per_dim"], rows)
     mean = "" if res.logp is None else f", mean log p {float(res.logp.mean()):.1f} nats"
     print(f"{args.n} samples with {args.method} ({res.nfe}){mean}; wrote {out}")
@@ -242,7 +239,7 @@ def detail(args: argparse.Namespace) -> int:
             lps.append(r.logp)
             names += [f"q{q:g}_{i}" for i in range(per)]
         u8 = to_uint8(torch.cat(xs))
-        bpd = bits_per_dim(torch.cat(lps), dim)
+        bpd = logp_to_bpd(torch.cat(lps), dim)
     size = png_size(u8)
     pearson, spearman = correlations(bpd, size)
     print(f"{len(size)} images: bits/dim vs PNG bytes: Pearson {pearson:+.3f}, Spearman {spearman:+.3f} "

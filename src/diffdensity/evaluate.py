@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from . import _validation as v
 from .distributed import ProcessGroup, ShardedCSV
 from .divergence import Exact, Hutchinson
-from .likelihood import GRIDS, log_likelihood
+from .likelihood import GRIDS, log_likelihood, logp_to_bpd
 from .models import ScoreModel
 from .solvers import TABLEAUX
 
@@ -753,7 +753,7 @@ def _evaluate(
                 for i in sorted(ok + list(failures)):
                     if i in results:
                         lp, nfe = results[i]
-                        bpd = -lp / (scorer.dim * math.log(2)) + 7
+                        bpd = logp_to_bpd(lp, scorer.dim)
                         rows.append(dict(index=i, file=source.names[i], logp=_fmt(lp), bpd=_fmt(bpd), nfe=nfe, status="ok", message=""))
                     else:
                         status, message = failures[i]

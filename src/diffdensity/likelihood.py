@@ -21,7 +21,7 @@ from .dynamics import PFODE
 from .models import NFE, Model
 from .solvers import TABLEAUX, odeint
 
-__all__ = ["LikelihoodResult", "BitsPerDimResult", "log_likelihood", "bits_per_dim"]
+__all__ = ["LikelihoodResult", "BitsPerDimResult", "log_likelihood", "bits_per_dim", "logp_to_bpd"]
 
 GRIDS = ("log_snr", "uniform", "karras")
 
@@ -114,6 +114,15 @@ def log_likelihood(
     return LikelihoodResult(prior + delta, prior, delta, sol.x, dyn.nfe, sol.steps, settings)
 
 
+def logp_to_bpd(logp, dim: int):
+    """Bits/dim of 8-bit data from the continuous log-density on ``[-1, 1]^D`` (MATH.md s.7).
+
+    ``bpd = -log p(x) / (D ln 2) + 7`` (the bin width ``2/256`` is ``2^-7``); works on
+    numbers and tensors alike.
+    """
+    return -logp / (dim * math.log(2)) + 7
+
+
 def bits_per_dim(
     model: Model,
     images: Tensor,
@@ -148,5 +157,5 @@ def bits_per_dim(
         nfe.jvp += res.nfe.jvp
         nfe.vjp += res.nfe.vjp
     logp = torch.stack(logps)
-    bpd = (-logp / (dim * math.log(2)) + 7).mean(0)
+    bpd = logp_to_bpd(logp, dim).mean(0)
     return BitsPerDimResult(bpd, logp, nfe, dict(draws=draws, **res.settings))
