@@ -47,7 +47,8 @@ from torch import Tensor, nn
 from . import _validation as v
 from .distributed import ProcessGroup, ShardedCSV
 from .divergence import Exact, Hutchinson
-from .likelihood import GRIDS, log_likelihood, logp_to_bpd
+from .likelihood import log_likelihood, logp_to_bpd
+from .schedules import GRIDS
 from .models import ScoreModel
 from .solvers import TABLEAUX
 

@@ -19,11 +19,11 @@ from . import _validation as v
 from .divergence import DivergenceEstimator, make_divergence
 from .dynamics import PFODE
 from .models import NFE, Model
+from .schedules import GRIDS
 from .solvers import TABLEAUX, odeint
 
-__all__ = ["LikelihoodResult", "BitsPerDimResult", "log_likelihood", "bits_per_dim", "logp_to_bpd"]
+__all__ = ["LikelihoodResult", "BitsPerDimResult", "log_likelihood", "bits_per_dim", "dequantize", "logp_to_bpd"]
 
-GRIDS = ("log_snr", "uniform", "karras")
 
 
 @dataclass
@@ -114,6 +114,16 @@ def log_likelihood(
     return LikelihoodResult(prior + delta, prior, delta, sol.x, dyn.nfe, sol.steps, settings)
 
 
+def dequantize(u: Tensor, noise: Tensor | float = 0.5) -> Tensor:
+    """8-bit values ``u`` in ``[0, 255]`` -> ``[-1, 1]``: ``x = 2 (u + noise) / 256 - 1`` (MATH.md s.7).
+
+    ``noise`` in ``[0, 1)`` places the point inside its bin of width ``2/256``: uniform
+    draws for dequantised likelihoods, ``0.5`` (the default) for the bin centre. Any
+    shape that broadcasts with ``u``; the result has the dtype of ``u + noise`` (float).
+    """
+    return 2 * (u + noise) / 256 - 1
+
+
 def logp_to_bpd(logp, dim: int):
     """Bits/dim of 8-bit data from the continuous log-density on ``[-1, 1]^D`` (MATH.md s.7).
 
@@ -150,7 +160,7 @@ def bits_per_dim(
     for _ in range(draws):
         device = generator.device if generator is not None else u.device
         noise = torch.rand(u.shape, generator=generator, dtype=torch.float64, device=device).to(u.device)
-        x = (2 * (u + noise) / 256 - 1).to(dtype)
+        x = dequantize(u, noise).to(dtype)
         res = log_likelihood(model, x, generator=generator, **likelihood_options)
         logps.append(res.logp)
         nfe.forward += res.nfe.forward

@@ -37,7 +37,7 @@ from . import _validation as v
 from .divergence import DivergenceEstimator, make_divergence
 from .dynamics import PFODE, CustomODE, CustomSDE, Dynamics, HDODE, ReverseSDE, SDEDynamics
 from .models import NFE, Model
-from .schedules import Schedule
+from .schedules import GRIDS, Schedule
 from .sde import SCHEMES, sdeint
 from .solvers import TABLEAUX, StepInfo, odeint
 
@@ -54,7 +54,6 @@ __all__ = [
     "REQUIRED",
 ]
 
-GRIDS = ("log_snr", "uniform", "karras")
 DEFAULT_ODE_SOLVER = "heun"
 
 

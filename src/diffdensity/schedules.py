@@ -30,6 +30,10 @@ __all__ = [
 ]
 
 
+GRIDS = ("log_snr", "uniform", "karras")
+"""Names of the time grids :meth:`Schedule.time_grid` builds."""
+
+
 @dataclass(frozen=True)
 class ScheduleValues:
     """alpha_t, sigma_t and their derivatives at a tensor of times (all the same shape)."""
@@ -175,7 +179,7 @@ class Schedule:
                 lam = -2 * rho * torch.log(s0 + (s1 - s0) * u)
             grid = self.t_from_log_snr(lam)
         else:
-            raise ValueError(f"unknown spacing {spacing!r}; expected 'uniform', 'log_snr' or 'karras'")
+            raise ValueError(f"unknown spacing {spacing!r}; expected one of {', '.join(map(repr, GRIDS))}")
         grid[0], grid[-1] = t0, t1  # exact end points despite round-off in the inverse
         return grid
 
