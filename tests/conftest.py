@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 import os
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 
 import diffdensity as dd
@@ -85,3 +88,19 @@ def gaussian_flow(gmm: dd.GaussianMixture, x0: torch.Tensor, t0: float, t1: floa
     y0 = x0 @ q
     y1 = a1.alpha * m + (v1 / v0).sqrt() * (y0 - a0.alpha * m)
     return (y1 @ q.T).reshape(x0.shape[0], *gmm.event_shape)
+
+
+@dataclass
+class Counted:
+    """A model whose score calls are counted into ``nfe.forward``."""
+
+    model: Any
+    nfe: dd.NFE = field(default_factory=dd.NFE)
+
+    @property
+    def schedule(self) -> dd.Schedule:
+        return self.model.schedule
+
+    def score(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        self.nfe.forward += 1
+        return self.model.score(x, t, **cond)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import diffdensity as dd
-from conftest import F64, SCHEDULE_NAMES, gen, make_mixture, make_schedule
-from diffdensity.models import PARAMETRIZATIONS, Counted, prediction_to_score, score_to_prediction
+from conftest import F64, SCHEDULE_NAMES, Counted, gen, make_mixture, make_schedule
+from diffdensity.models import PARAMETRIZATIONS, prediction_to_score, score_to_prediction
 
 DIM = 5
 

@@ -6,7 +6,10 @@ import torch
 
 import diffdensity as dd
 from diffdensity.dynamics import HDODE, ModifiedODE, _expand
-from diffdensity.sampling import METHODS, Option, Phase, Plan, SampleResult, _split_grid, register_method, sample
+from diffdensity.methods import METHODS, Option, Phase, Plan, register_method
+from diffdensity.methods import HD_DEFAULT_THRESHOLD
+from diffdensity.models import placement
+from diffdensity.sampling import SampleResult, _draw_latent, _split_grid, sample
 from conftest import gen, make_mixture
 
 F64 = torch.float64
@@ -133,8 +136,9 @@ def test_pf_ode_nfe_accounting(gmm):
     assert (tracked.nfe.forward, tracked.nfe.jvp) == (0, 60)  # each pass a JVP per probe
 
 
-def test_default_dtype_and_float32_sampling(gmm):
-    r = sample(gmm, 3, method="sde", steps=8, generator=gen(0))
+def test_model_dtype_by_default_and_float32_sampling(gmm):
+    assert sample(gmm, 3, method="sde", steps=8, generator=gen(0)).x.dtype == F64  # the mixture's dtype
+    r = sample(gmm, 3, method="sde", steps=8, generator=gen(0), dtype=torch.float32)
     assert r.x.dtype == torch.float32 and r.logp.dtype == F64
 
 
@@ -234,7 +238,6 @@ def test_hd_threshold_raises_log_density_and_smooths_samples():
         (dict(method="ddim"), ValueError, "unknown method 'ddim'"),
         (dict(method="pf-ode", q=0.7), ValueError, r"unknown option\(s\) \['q'\] for method 'pf-ode'; its options: none"),
         (dict(method="sde", log_snr_threshold=2.0), ValueError, "unknown option"),
-        (dict(method="hd"), ValueError, "needs option 'log_snr_threshold'"),
         (dict(method="hd", log_snr_threshold=12.0), ValueError, r"log_snr_threshold=12 is outside the logSNR range \[-10, 10\]"),
         (dict(method="hd", log_snr_threshold=-10.5), ValueError, "outside the logSNR range"),
         (dict(method="hd", log_snr_threshold=float("nan")), ValueError, "finite number"),
@@ -319,3 +322,44 @@ def test_a_method_whose_dynamics_forget_the_estimator_fails_loudly(gmm):
         assert sample(gmm, 2, method="broken-tracking", steps=4, track_logp=False).logp is None
     finally:
         METHODS.pop("broken-tracking", None)
+
+
+def test_hd_has_a_default_threshold(gmm):
+    x_T = gmm.schedule.prior_sample((3, *gmm.event_shape), generator=gen(3), dtype=F64)
+    default = sample(gmm, x_T=x_T, method="hd", steps=8, track_logp=False)
+    explicit = sample(gmm, x_T=x_T, method="hd", log_snr_threshold=HD_DEFAULT_THRESHOLD, steps=8, track_logp=False)
+    assert torch.equal(default.x, explicit.x) and default.settings["options"]["log_snr_threshold"] == HD_DEFAULT_THRESHOLD
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.lin = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, t):
+        return self.lin(x)
+
+
+def test_latents_take_the_device_and_dtype_the_model_declares(gmm):
+    sched = gmm.schedule
+    # an exact mixture computes in float64
+    assert sample(gmm, 2, steps=2, track_logp=False).x.dtype == torch.float64
+    # a network model: its parameters say where it lives
+    net64 = _Net(4).to(torch.float64)
+    m = dd.ScoreModel(net64, sched, "eps", event_shape=(4,))
+    assert m.network is net64 and m.dtype == torch.float64 and m.device == torch.device("cpu")
+    assert sample(m, 2, steps=2, track_logp=False).x.dtype == torch.float64
+    # a wrapped callable declares its network (as the diffusers adapter does)
+    m32 = dd.ScoreModel(lambda x, t: net64(x.double(), t).to(x.dtype), sched, "eps", event_shape=(4,), network=_Net(4))
+    assert m32.dtype == torch.float32
+    # explicit declarations win, and latents are made there (meta: no memory, any machine)
+    meta = dd.ScoreModel(lambda x, t: x, sched, "eps", event_shape=(4,), device="meta", dtype=torch.float16)
+    z = _draw_latent(meta, 3, None, None, None)
+    assert z.device.type == "meta" and z.dtype == torch.float16 and z.shape == (3, 4)
+    # classifier-free guidance declares what the guided model declares
+    cfg = dd.ClassifierFreeGuidance(m, 2.0, cond={}, uncond={})
+    assert placement(cfg) == (torch.device("cpu"), torch.float64)
+    # nothing declared: the CPU and the default dtype
+    assert placement(object()) == (torch.device("cpu"), torch.get_default_dtype())
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+        dd.ScoreModel(lambda x, t: x, sched, dtype=torch.int64)

@@ -3,17 +3,15 @@
 from .analytic import GaussianMixture, random_rotation
 from .alignment import score_alignment
 from .divergence import Exact, Hutchinson
-from .guidance import _register as _register_guidance
-from .guidance import chi_quantile, rescale_latent
+from .guidance import chi_quantile, rescale_latent  # also registers the guidance methods
 from .likelihood import bits_per_dim, log_likelihood
 from .pretrained import load_pretrained
 from .models import NFE, ClassifierFreeGuidance, ScoreModel
 from .mode_tracking import ModeTrackingResult, mode_tracking
 from .typicality import typicality
+from .methods import register_method
 from .sampling import SampleResult, sample
 from .schedules import EDM, VE, VP, DiscreteVP, RectifiedFlow, Schedule, VPCosine, VPLinear
-
-_register_guidance()
 
 __version__ = "0.1.0"
 
@@ -43,6 +41,7 @@ __all__ = [
     # sampling and control
     "sample",
     "SampleResult",
+    "register_method",
     "rescale_latent",
     "chi_quantile",
     "mode_tracking",

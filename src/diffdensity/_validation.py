@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
+import numbers
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -33,9 +35,69 @@ def check_x(x: Any, model: Any = None, *, name: str = "x") -> Tensor:
 
 
 def check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """A positive integer (Python or NumPy), returned as ``int``; bools and floats are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_float(value: Any, name: str) -> float:
+    """A finite real number (Python, NumPy or a 0-d tensor), returned as ``float``."""
+    if isinstance(value, Tensor) and value.ndim == 0 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_positive_float(value: Any, name: str) -> float:
+    value = check_float(value, name)
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
     return value
+
+
+def check_optional_float(value: Any, name: str) -> float | None:
+    return None if value is None else check_float(value, name)
+
+
+def check_callable(value: Any, name: str) -> Callable:
+    if not callable(value):
+        raise TypeError(f"{name} must be callable, got {type(value).__name__}")
+    return value
+
+
+def check_diffusion(value: Any, name: str) -> Any:
+    """``None`` (no noise), a callable ``phi(x, t)`` or a number ``phi >= 0``."""
+    if value is None or callable(value):
+        return value
+    phi = check_float(value, name)
+    if phi < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return phi
+
+
+def choice(*choices: Any) -> Callable[[Any, str], Any]:
+    """A check that accepts only ``choices``."""
+
+    def check(value: Any, name: str) -> Any:
+        return check_choice(value, name, choices)
+
+    return check
+
+
+def optional(check: Callable[[Any, str], Any]) -> Callable[[Any, str], Any]:
+    """``check`` that lets ``None`` through."""
+    return lambda value, name: None if value is None else check(value, name)
+
+
+def check_generator(generator: Any, name: str = "generator") -> torch.Generator | None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"{name} must be a torch.Generator or None, got {type(generator).__name__} "
+            f"(make one with torch.Generator().manual_seed(seed))"
+        )
+    return generator
 
 
 def check_choice(value: Any, name: str, choices) -> Any:

@@ -93,6 +93,16 @@ class GaussianMixture:
         # component means in the rotated frame y = Q^T x
         self._m = self.means if rotation is None else self.means @ rotation
 
+    @property
+    def device(self) -> torch.device:
+        """Where the mixture computes: the device of its means."""
+        return self.means.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The mixture's dtype (that of its means; float64 unless built otherwise)."""
+        return self.means.dtype
+
     def __repr__(self) -> str:
         rot = ", rotated" if self.rotation is not None else ""
         return f"GaussianMixture(K={self.means.shape[0]}, event_shape={self.event_shape}{rot}, {self.schedule!r})"

@@ -33,8 +33,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from . import _validation as v
 from .divergence import jacobian_vector_product, model_fn
-from .dynamics import Dynamics, SDEDynamics, SDETerms, _dot, _expand
+from .dynamics import PFODE, Dynamics, SDEDynamics, SDETerms, _dot, _expand
+from .methods import REQUIRED, Option, Phase, Plan, register_method
 from .schedules import Schedule
 
 __all__ = [
@@ -280,7 +282,8 @@ class StochasticDensityGuidance(_EtaGuard, SDEDynamics):
 
 
 # -- sampling methods ---------------------------------------------------------------------
-# Registered with diffdensity.sampling: guidance changes the dynamics, never the solver.
+# Registered in diffdensity.methods when this module is imported: guidance changes the
+# dynamics, never the solver.
 
 
 def _check_quantiles(value: Any, name: str) -> Tensor:
@@ -320,8 +323,6 @@ def _warn_after(dyn: _EtaGuard):
 
 
 def _build_density_guidance(ctx):
-    from .sampling import Phase, Plan
-
     o = ctx.options
     given = [k for k in ("q", "rate", "target_logp") if o[k] is not None]
     if len(given) != 1:
@@ -346,8 +347,6 @@ def _target_plan(ctx, x_T: Tensor | None, target: Tensor):
     until every sample is within ``target_tol`` nats or ``target_passes`` passes are
     spent. Every pass reuses the same latents and Hutchinson probes.
     """
-    from .sampling import Phase, Plan
-
     if not ctx.track_logp:
         raise ValueError("target_logp needs track_logp=True (the tracked log-density steers the shooting)")
     b = ctx.x_T.shape[0]
@@ -382,8 +381,6 @@ def _target_plan(ctx, x_T: Tensor | None, target: Tensor):
 
 
 def _build_stochastic_density_guidance(ctx):
-    from .sampling import Phase, Plan
-
     o = ctx.options
     kw = ctx.dynamics_kwargs()
     kw["divergence"] = ctx.divergence  # div s enters the drift correction
@@ -395,9 +392,6 @@ def _build_stochastic_density_guidance(ctx):
 
 
 def _build_prior_guidance(ctx):
-    from .dynamics import PFODE
-    from .sampling import Phase, Plan
-
     q = ctx.options["q"]  # checked by _check_quantiles
     if q.ndim != 0:
         raise ValueError("prior guidance takes one quantile q for all latents")
@@ -411,46 +405,40 @@ def _check_noise(value: Any, name: str) -> Any:
     raise ValueError(f"{name} must be 'early', 'late', a list of (log_snr_low, log_snr_high, phi) windows or a callable phi(t)")
 
 
-def _register() -> None:
-    from .sampling import REQUIRED, Option, check_callable, check_positive_float, choice, register_method
-
-    def optional(check):
-        return lambda value, name: None if value is None else check(value, name)
-
-    latent = Option("median", choice("median", "keep"), "'median': rescale latents to the prior's median norm (the paper's default); 'keep'")
-    cap = Option(10.0, check_positive_float, "bound on |eta - 1| (guards against |s| ~ 0 near modes)")
-    register_method(
-        "density-guidance",
-        _build_density_guidance,
-        options={
-            "q": Option(None, optional(_check_quantiles), "quantile in (0, 1), scalar or (B,): > 0.5 smoother, < 0.5 more detail"),
-            "rate": Option(None, optional(check_callable), "b(x, t) -> (B,): the wanted d/dt log p_t (needs div u_PF)"),
-            "target_logp": Option(None, optional(_check_targets), "wanted log p_0 in nats, scalar or (B,) (shooting, several passes)"),
-            "target_tol": Option(0.5, check_positive_float, "target mode: stop once every sample is this close (nats)"),
-            "target_passes": Option(5, lambda v, n: int(check_positive_float(v, n)), "target mode: at most this many sampling passes"),
-            "latent": latent,
-            "eta_cap": cap,
-        },
-        default_steps=64,
-        description="density guidance, DG-ODE (MATH.md s.4a): chosen quantile, rate or final log-density",
-    )
-    register_method(
-        "stochastic-density-guidance",
-        _build_stochastic_density_guidance,
-        options={
-            "q": Option(REQUIRED, _check_quantiles, "quantile in (0, 1), scalar or (B,)"),
-            "noise": Option("late", _check_noise, "phi~(t): 'early', 'late', [(log_snr_low, log_snr_high, phi), ...] or a callable"),
-            "residual": Option(False, choice(False, True), "include the small term -(1/2) phi^2 s^T grad s s / |s|^2 (one more JVP)"),
-            "latent": latent,
-            "eta_cap": cap,
-        },
-        default_steps=128,
-        description="stochastic density guidance, DG-SDE (MATH.md s.4b): noise orthogonal to the score",
-    )
-    register_method(
-        "prior-guidance",
-        _build_prior_guidance,
-        options={"q": Option(REQUIRED, _check_quantiles, "chi quantile of the latent norm, in (0, 1)")},
-        default_steps=64,
-        description="prior guidance (MATH.md s.4c): latents rescaled to a chi quantile, then the PF-ODE",
-    )
+_LATENT = Option("median", v.choice("median", "keep"), "'median': rescale latents to the prior's median norm (the paper's default); 'keep'")
+_ETA_CAP = Option(10.0, v.check_positive_float, "bound on |eta - 1| (guards against |s| ~ 0 near modes)")
+register_method(
+    "density-guidance",
+    _build_density_guidance,
+    options={
+        "q": Option(None, v.optional(_check_quantiles), "quantile in (0, 1), scalar or (B,): > 0.5 smoother, < 0.5 more detail"),
+        "rate": Option(None, v.optional(v.check_callable), "b(x, t) -> (B,): the wanted d/dt log p_t (needs div u_PF)"),
+        "target_logp": Option(None, v.optional(_check_targets), "wanted log p_0 in nats, scalar or (B,) (shooting, several passes)"),
+        "target_tol": Option(0.5, v.check_positive_float, "target mode: stop once every sample is this close (nats)"),
+        "target_passes": Option(5, lambda value, name: int(v.check_positive_float(value, name)), "target mode: at most this many sampling passes"),
+        "latent": _LATENT,
+        "eta_cap": _ETA_CAP,
+    },
+    default_steps=64,
+    description="density guidance, DG-ODE (docs/math.md s.4a): chosen quantile, rate or final log-density",
+)
+register_method(
+    "stochastic-density-guidance",
+    _build_stochastic_density_guidance,
+    options={
+        "q": Option(REQUIRED, _check_quantiles, "quantile in (0, 1), scalar or (B,)"),
+        "noise": Option("late", _check_noise, "phi~(t): 'early', 'late', [(log_snr_low, log_snr_high, phi), ...] or a callable"),
+        "residual": Option(False, v.choice(False, True), "include the small term -(1/2) phi^2 s^T grad s s / |s|^2 (one more JVP)"),
+        "latent": _LATENT,
+        "eta_cap": _ETA_CAP,
+    },
+    default_steps=128,
+    description="stochastic density guidance, DG-SDE (docs/math.md s.4b): noise orthogonal to the score",
+)
+register_method(
+    "prior-guidance",
+    _build_prior_guidance,
+    options={"q": Option(REQUIRED, _check_quantiles, "chi quantile of the latent norm, in (0, 1)")},
+    default_steps=64,
+    description="prior guidance (docs/math.md s.4c): latents rescaled to a chi quantile, then the PF-ODE",
+)

@@ -6,11 +6,16 @@ the score work too, wrapped with ``ScoreModel(fn, schedule)``.
 
 Shapes: ``x`` is ``(B, *event_shape)``; ``t`` a scalar or ``(B,)``; the score has the
 shape of ``x``.
+
+A model may declare where it computes: ``device`` and ``dtype`` attributes (``None``
+where it does not know). :func:`placement` asks for them, so latents and inputs are
+made where the model lives; :class:`ScoreModel` reads them off its ``network`` (the
+``nn.Module`` holding the weights, if any) unless given.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
@@ -24,6 +29,7 @@ __all__ = [
     "ClassifierFreeGuidance",
     "NFE",
     "PARAMETRIZATIONS",
+    "placement",
     "prediction_to_score",
     "score_to_prediction",
 ]
@@ -38,6 +44,26 @@ class Model(Protocol):
     schedule: Schedule
 
     def score(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor: ...
+
+
+def placement(model: Any) -> tuple[torch.device, torch.dtype]:
+    """``(device, dtype)`` the model declares, defaulting to the CPU and the default float dtype."""
+    device, dtype = getattr(model, "device", None), getattr(model, "dtype", None)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if dtype is None:
+        dtype = torch.get_default_dtype()
+    elif not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{type(model).__name__}.dtype must be a floating torch.dtype or None, got {dtype!r}")
+    return device, dtype
+
+
+def _network_placement(network: torch.nn.Module | None) -> tuple[torch.device | None, torch.dtype | None]:
+    """Device and dtype of the first floating parameter (or buffer) of ``network``."""
+    if network is not None:
+        for p in (*network.parameters(), *network.buffers()):
+            if p.is_floating_point():
+                return p.device, p.dtype
+    return None, None
 
 
 @dataclass
@@ -150,14 +176,34 @@ class ScoreModel:
         parametrization: str = "score",
         *,
         event_shape: tuple[int, ...] | None = None,
+        network: torch.nn.Module | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ):
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a diffdensity Schedule, got {type(schedule).__name__}")
         _check_parametrization(parametrization)
+        if network is not None and not isinstance(network, torch.nn.Module):
+            raise TypeError(f"network must be a torch.nn.Module or None, got {type(network).__name__}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
         self.fn, self.schedule, self.parametrization = fn, schedule, parametrization
         self.event_shape = None if event_shape is None else tuple(event_shape)
+        self.network = network if network is not None else (fn if isinstance(fn, torch.nn.Module) else None)
+        self._device = None if device is None else torch.device(device)
+        self._dtype = dtype
+
+    @property
+    def device(self) -> torch.device | None:
+        """Where the network computes: as given, else its parameters' device, else ``None``."""
+        return self._device or _network_placement(self.network)[0]
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The network's floating dtype: as given, else its parameters' dtype, else ``None``."""
+        return self._dtype or _network_placement(self.network)[1]
 
     def __repr__(self) -> str:
         return f"ScoreModel({getattr(self.fn, '__name__', type(self.fn).__name__)}, {self.schedule!r}, {self.parametrization!r})"
@@ -191,6 +237,7 @@ class ClassifierFreeGuidance:
         self.model, self.scale, self.cond, self.uncond = model, float(scale), cond, uncond
         self.schedule = model.schedule
         self.event_shape = getattr(model, "event_shape", None)
+        self.device, self.dtype = getattr(model, "device", None), getattr(model, "dtype", None)
 
     def score(self, x: Tensor, t: Tensor | float, **extra: Any) -> Tensor:
         t = broadcast_time(t, x)
@@ -225,19 +272,3 @@ class ClassifierFreeGuidance:
         s = self.model.score(torch.cat([x, x]), torch.cat([t, t]), **kwargs)
         s_cond, s_uncond = s.chunk(2)
         return s_uncond + self.scale * (s_cond - s_uncond)
-
-
-@dataclass
-class Counted:
-    """A model whose score calls are counted into ``nfe.forward``."""
-
-    model: Model
-    nfe: NFE = field(default_factory=NFE)
-
-    @property
-    def schedule(self) -> Schedule:
-        return self.model.schedule
-
-    def score(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
-        self.nfe.forward += 1
-        return self.model.score(x, t, **cond)

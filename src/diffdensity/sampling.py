@@ -1,328 +1,33 @@
-"""Sampling with the log-density of every sample tracked along its trajectory (MATH.md s.3, s.4d).
+"""Sampling with the log-density of every sample tracked along its trajectory (docs/math.md s.3, s.4).
 
 :func:`sample` draws latents from the prior (or takes ``x_T``), integrates a method's
 dynamics from ``t_max`` to ``t_min`` and returns the samples with their log-density
-``log p_{t_min}(x)``, float64 ``(B,)``:
-
-==========================  ==============================================================
-``method``                  dynamics and how ``log p`` is carried
-==========================  ==============================================================
-``"pf-ode"``                probability-flow ODE; ``-div u_PF`` by the divergence estimator (3a)
-``"sde"``                   reverse SDE; the same Gaussian increments carry ``log p``, no
-                            divergence and no extra network pass (3c; :mod:`diffdensity.sde`)
-``"hd"``                    PF-ODE (or reverse SDE) down to ``log_snr_threshold``, then the
-                            high-density ODE ``u = f x - g^2 s`` (4d; tracked by 3b)
-``"custom"``                a user drift ``drift(x, t, score)``; with ``diffusion`` an SDE
-                            (3b, 3d)
-==========================  ==============================================================
-
-Methods are entries of a registry, :data:`METHODS`: a name, the options it accepts
-(checked, never swallowed) and a builder that turns a :class:`MethodContext` into a
-:class:`Plan` -- a sequence of :class:`Phase` objects, each a dynamics integrated down
-to a time. New methods (guidance, ...) register a builder with
-:func:`register_method`; the solvers and :func:`sample` stay as they are. Guidance
-changes the dynamics, never the solver; tracking adds to the state, never to the drift.
+``log p_{t_min}(x)``, float64 ``(B,)``. Methods (``"pf-ode"``, ``"sde"``, ``"hd"``,
+``"custom"``, the guidance methods, your own) are entries of the registry
+:data:`diffdensity.methods.METHODS`: a builder turns the call into a plan of phases,
+each a dynamics integrated down to a time; this module only runs plans.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from . import _validation as v
 from .divergence import DivergenceEstimator, make_divergence
-from .dynamics import PFODE, CustomODE, CustomSDE, Dynamics, HDODE, ReverseSDE, SDEDynamics
-from .models import NFE, Model
-from .schedules import GRIDS, Schedule
+from .dynamics import Dynamics
+from .methods import METHODS, MethodContext, Phase, Plan, resolve_options
+from .models import NFE, Model, placement
+from .schedules import GRIDS
 from .sde import SCHEMES, sdeint
 from .solvers import TABLEAUX, StepInfo, odeint
 
-__all__ = [
-    "sample",
-    "SampleResult",
-    "METHODS",
-    "Method",
-    "MethodContext",
-    "Option",
-    "Phase",
-    "Plan",
-    "register_method",
-    "REQUIRED",
-]
+__all__ = ["sample", "SampleResult"]
 
 DEFAULT_ODE_SOLVER = "heun"
-
-
-class _Required:
-    def __repr__(self) -> str:
-        return "REQUIRED"
-
-
-REQUIRED: Any = _Required()
-"""Default of an option that has to be given."""
-
-
-# -- the registry --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Option:
-    """A method option: its default (or :data:`REQUIRED`), a check and a line of help.
-
-    ``check(value, name)`` returns the (possibly normalised) value or raises
-    ``ValueError`` / ``TypeError``.
-    """
-
-    default: Any = REQUIRED
-    check: Callable[[Any, str], Any] | None = None
-    doc: str = ""
-
-
-@dataclass
-class MethodContext:
-    """What a builder gets: the model, the latent and the checked options of one call.
-
-    ``divergence`` is the estimator chosen by the caller; ``dynamics_kwargs`` hands it to
-    dynamics that need ``div s`` only when the log-density is tracked.
-    """
-
-    model: Model
-    schedule: Schedule
-    x_T: Tensor
-    options: dict[str, Any]
-    track_logp: bool
-    divergence: DivergenceEstimator
-    cond: dict[str, Any]
-    nfe: NFE
-
-    @property
-    def dim(self) -> int:
-        return math.prod(self.x_T.shape[1:])
-
-    def dynamics_kwargs(self, *, needs_divergence: bool = True) -> dict[str, Any]:
-        """Keyword arguments shared by the dynamics of this call (conditioning, NFE counter, estimator)."""
-        div = self.divergence if (self.track_logp and needs_divergence) else None
-        return dict(cond=self.cond, nfe=self.nfe, divergence=div)
-
-
-@dataclass
-class Phase:
-    """A dynamics integrated from where the previous phase ended down to ``t_end``.
-
-    ``start(t, x)``, if given, is called with the state at the start of the phase
-    (e.g. to anchor dynamics that depend on where they start).
-    """
-
-    dynamics: Dynamics
-    t_end: float
-    name: str = ""
-    start: Callable[[float, Tensor], None] | None = None
-
-    @property
-    def stochastic(self) -> bool:
-        return isinstance(self.dynamics, SDEDynamics)
-
-
-@dataclass
-class Plan:
-    """A builder's answer: the phases, and optionally a replacement latent (e.g. a rescaled ``x_T``).
-
-    ``then(result)``, if given, is called with the :class:`SampleResult` of the plan and
-    may return another plan to run from its own latents (iterative methods such as
-    target shooting; network passes add up) or ``None`` to finish. ``reuse_probes``:
-    such a follow-up plan draws the same Hutchinson probes as the first one.
-    """
-
-    phases: list[Phase]
-    x_T: Tensor | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-    then: Callable[["SampleResult"], "Plan | None"] | None = None
-    reuse_probes: bool = False
-
-
-@dataclass(frozen=True)
-class Method:
-    """A registered sampling method."""
-
-    name: str
-    build: Callable[[MethodContext], Plan]
-    options: Mapping[str, Option]
-    default_steps: int
-    description: str = ""
-
-
-METHODS: dict[str, Method] = {}
-
-# arguments of sample() that method options may not shadow
-_SAMPLE_KEYWORDS = (
-    "model", "n", "x_T", "method", "steps", "solver", "grid", "track_logp", "generator", "callback",
-    "model_kwargs", "divergence", "probes", "prior_logp", "dtype", "device", "rtol", "atol",
-)  # fmt: skip
-
-
-def register_method(
-    name: str,
-    build: Callable[[MethodContext], Plan],
-    *,
-    options: Mapping[str, Option] | None = None,
-    default_steps: int = 64,
-    description: str = "",
-    replace: bool = False,
-) -> Method:
-    """Add a method to :data:`METHODS` under ``name`` (``replace=True`` to overwrite)."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"method name must be a non-empty string, got {name!r}")
-    if name in METHODS and not replace:
-        raise ValueError(f"method {name!r} is already registered (pass replace=True to overwrite)")
-    if not callable(build):
-        raise TypeError("build must be callable as build(context) -> Plan")
-    reserved = set(_SAMPLE_KEYWORDS) & set(options or {})
-    if reserved:
-        raise ValueError(f"option names {sorted(reserved)} clash with arguments of sample()")
-    method = Method(name, build, dict(options or {}), v.check_positive_int(default_steps, "default_steps"), description)
-    METHODS[name] = method
-    return method
-
-
-def _resolve_options(method: Method, given: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(given) - set(method.options))
-    if unknown:
-        valid = ", ".join(sorted(method.options)) or "none"
-        raise ValueError(f"unknown option(s) {unknown} for method {method.name!r}; its options: {valid}")
-    out = {}
-    for key, opt in method.options.items():
-        if key in given:
-            value = given[key]
-            out[key] = opt.check(value, key) if opt.check is not None else value
-        elif opt.default is REQUIRED:
-            raise ValueError(f"method {method.name!r} needs option {key!r}: {opt.doc}")
-        else:
-            out[key] = opt.default
-    return out
-
-
-# -- option checks ---------------------------------------------------------------------
-
-
-def check_float(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def check_positive_float(value: Any, name: str) -> float:
-    value = check_float(value, name)
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
-    return value
-
-
-def check_optional_float(value: Any, name: str) -> float | None:
-    return None if value is None else check_float(value, name)
-
-
-def check_callable(value: Any, name: str) -> Callable:
-    if not callable(value):
-        raise TypeError(f"{name} must be callable, got {type(value).__name__}")
-    return value
-
-
-def choice(*choices: Any) -> Callable[[Any, str], Any]:
-    def check(value: Any, name: str) -> Any:
-        return v.check_choice(value, name, choices)
-
-    return check
-
-
-def check_diffusion(value: Any, name: str) -> Any:
-    if value is None or callable(value):
-        return value
-    phi = check_float(value, name)
-    if phi < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-    return phi
-
-
-# -- built-in methods ---------------------------------------------------------------------
-
-
-def _threshold_time(ctx: MethodContext, log_snr: float) -> float:
-    sched = ctx.schedule
-    sched.check_log_snr(log_snr, name="log_snr_threshold")
-    t = float(sched.t_from_log_snr(torch.tensor(log_snr, dtype=torch.float64)))
-    return min(max(t, sched.t_min), sched.t_max)
-
-
-def _build_pf_ode(ctx: MethodContext) -> Plan:
-    return Plan([Phase(PFODE(ctx.model, **ctx.dynamics_kwargs()), ctx.schedule.t_min, "pf-ode")])
-
-
-def _reverse_sde(ctx: MethodContext) -> ReverseSDE:
-    return ReverseSDE(ctx.model, track_logp=ctx.track_logp, **ctx.dynamics_kwargs(needs_divergence=False))
-
-
-def _build_sde(ctx: MethodContext) -> Plan:
-    return Plan([Phase(_reverse_sde(ctx), ctx.schedule.t_min, "reverse-sde")])
-
-
-def _build_hd(ctx: MethodContext) -> Plan:
-    t_thr = _threshold_time(ctx, ctx.options["log_snr_threshold"])
-    if ctx.options["start"] == "sde":
-        first = Phase(_reverse_sde(ctx), t_thr, "reverse-sde")
-    else:
-        first = Phase(PFODE(ctx.model, **ctx.dynamics_kwargs()), t_thr, "pf-ode")
-    second = Phase(HDODE(ctx.model, **ctx.dynamics_kwargs()), ctx.schedule.t_min, "hd-ode")
-    return Plan([first, second], info=dict(t_threshold=t_thr))
-
-
-def _build_custom(ctx: MethodContext) -> Plan:
-    drift, diffusion = ctx.options["drift"], ctx.options["diffusion"]
-    if diffusion is None:
-        return Plan([Phase(CustomODE(ctx.model, drift, **ctx.dynamics_kwargs()), ctx.schedule.t_min, "custom-ode")])
-    dyn = CustomSDE(ctx.model, drift, diffusion, track_logp=ctx.track_logp, **ctx.dynamics_kwargs())
-    return Plan([Phase(dyn, ctx.schedule.t_min, "custom-sde")])
-
-
-_THRESHOLD_DOC = "logSNR at which to switch to the high-density ODE (lower: earlier switch, higher log p_0)"
-
-register_method(
-    "pf-ode",
-    _build_pf_ode,
-    default_steps=64,
-    description="probability-flow ODE; log p from the divergence of its drift (MATH.md s.3a)",
-)
-register_method(
-    "sde",
-    _build_sde,
-    default_steps=256,
-    description="reverse SDE; log p carried by the same Gaussian increments (MATH.md s.3c)",
-)
-register_method(
-    "hd",
-    _build_hd,
-    options={
-        "log_snr_threshold": Option(REQUIRED, check_float, _THRESHOLD_DOC),
-        "start": Option("pf-ode", choice("pf-ode", "sde"), "dynamics above the threshold: 'pf-ode' or 'sde'"),
-    },
-    default_steps=64,
-    description="high-density sampling: PF-ODE (or SDE) to a logSNR threshold, then u = f x - g^2 s (MATH.md s.4d)",
-)
-register_method(
-    "custom",
-    _build_custom,
-    options={
-        "drift": Option(REQUIRED, check_callable, "drift(x, t, score) -> dx/dt (t float64 (B,))"),
-        "diffusion": Option(None, check_diffusion, "None (ODE), a number phi >= 0 or diffusion(x, t) -> phi (SDE, G = phi I)"),
-    },
-    default_steps=64,
-    description="a user ODE (MATH.md s.3b) or SDE with G = phi I (s.3d)",
-)
-
-# -- sample() ---------------------------------------------------------------------------------
 
 
 @dataclass
@@ -330,10 +35,12 @@ class SampleResult:
     """Samples and their tracked log-density.
 
     ``x``: ``(B, *event_shape)`` samples at ``t_min``. ``logp``: float64 ``(B,)``
-    ``log p_{t_min}(x)`` (``None`` when not tracked). ``x_T``: the latents actually
-    integrated, with ``prior_logp`` their log-density at ``t_max``. ``ts``: float64
-    ``(S + 1,)`` times of the accepted steps (all phases), ``logp_path`` float64
-    ``(S + 1, B)`` the tracked log-density there. ``nfe``: network passes per sample.
+    ``log p_{t_min}(x)`` (``None`` when not tracked). ``logp_stderr``: float64 ``(B,)``
+    standard error of ``logp`` from the Monte-Carlo parts of the tracking (Hutchinson
+    probes; docs/math.md s.9), ``None`` where the integrators report none. ``x_T``: the
+    latents actually integrated, with ``prior_logp`` their log-density at ``t_max``.
+    ``ts``: float64 ``(S + 1,)`` times of the accepted steps (all phases), ``logp_path``
+    float64 ``(S + 1, B)`` the tracked log-density there. ``nfe``: network passes per sample.
     """
 
     x: Tensor
@@ -346,24 +53,28 @@ class SampleResult:
     steps: int
     method: str
     settings: dict
+    logp_stderr: Tensor | None = None
 
-
-def _model_parameter(model: Any) -> Tensor | None:
-    for obj in (model, getattr(model, "fn", None), getattr(model, "model", None), getattr(model, "net", None)):
-        if isinstance(obj, torch.nn.Module):
-            for p in obj.parameters():
-                return p
-    return None
+    def __repr__(self) -> str:
+        shape = "x".join(map(str, self.x.shape))
+        if self.logp is None:
+            logp = "logp=None"
+        else:
+            logp = f"logp mean {float(self.logp.mean()):.1f} nats"
+            if self.logp_stderr is not None:
+                logp += f" (stderr up to {float(self.logp_stderr.max()):.2g})"
+        return f"SampleResult({self.method!r}, x {shape} {self.x.dtype}, {logp}, steps={self.steps}, nfe=[{self.nfe}])"
 
 
 def _draw_latent(model: Model, n: Any, generator, dtype, device) -> Tensor:
-    v.check_positive_int(n, "n")
+    """``n`` prior draws ``(n, *event_shape)`` on the model's device in its dtype (unless given)."""
+    n = v.check_positive_int(n, "n")
     event_shape = getattr(model, "event_shape", None)
     if event_shape is None:
         raise ValueError("the model has no event_shape: pass x_T of shape (B, *event_shape) instead of n")
-    p = _model_parameter(model)
-    dtype = dtype or (p.dtype if p is not None and p.is_floating_point() else torch.get_default_dtype())
-    device = torch.device(device) if device is not None else (p.device if p is not None else torch.device("cpu"))
+    model_device, model_dtype = placement(model)
+    dtype = dtype or model_dtype
+    device = torch.device(device) if device is not None else model_device
     gen_device = generator.device if generator is not None else device
     z = torch.randn((n, *event_shape), generator=generator, dtype=dtype, device=gen_device).to(device)
     return z * model.schedule.prior_std
@@ -487,7 +198,7 @@ def sample(
         model: a score model (``.score(x, t, **cond)`` and ``.schedule``).
         n: number of samples, drawn as ``x_T ~ N(0, sigma_T^2 I)`` (needs
             ``model.event_shape``); or give ``x_T`` ``(B, *event_shape)`` instead.
-        method: a name in :data:`METHODS` -- ``"pf-ode"``, ``"sde"``, ``"hd"``,
+        method: a name in :data:`diffdensity.methods.METHODS` -- ``"pf-ode"``, ``"sde"``, ``"hd"``,
             ``"custom"`` or a registered one. Its options are
             passed as keywords (``log_snr_threshold=`` for ``"hd"``, ``drift=`` /
             ``diffusion=`` for ``"custom"``, ...); unknown ones raise ``ValueError``.
@@ -522,14 +233,13 @@ def sample(
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {tuple(METHODS)}")
     spec = METHODS[method]
-    options = _resolve_options(spec, method_options)
+    options = resolve_options(spec, method_options)
     steps = spec.default_steps if steps is None else v.check_positive_int(steps, "steps")
     v.check_choice(grid, "grid", GRIDS)
     v.check_positive_int(probes, "probes")
     if not isinstance(track_logp, bool):
         raise TypeError(f"track_logp must be a bool, got {type(track_logp).__name__}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    v.check_generator(generator)
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable")
     if prior_logp is not None and not callable(prior_logp):
@@ -587,7 +297,7 @@ def _run_plan(plan: Plan, ctx: MethodContext, *, method, steps, grid, solver, pr
         if not isinstance(lp0, Tensor) or lp0.shape != (x.shape[0],):
             raise ValueError(f"prior_logp must return a ({x.shape[0]},) tensor")
         lp0 = lp0.to(torch.float64)
-    lp = lp0
+    lp, var = lp0, None
     times: list[Tensor] = []
     paths: list[Tensor] = []
     offset, phase_log = 0, []
@@ -614,6 +324,7 @@ def _run_plan(plan: Plan, ctx: MethodContext, *, method, steps, grid, solver, pr
                     begin_step=dyn.begin_step, fsal=not dyn.step_dependent,
                 )  # fmt: skip
             x, lp = sol.x, sol.logp
+            var = _add_variance(var, getattr(sol, "logp_var", None))
             times.append(sol.ts if first else sol.ts[1:])
             if sol.logp_path is not None:
                 paths.append(sol.logp_path if first else sol.logp_path[1:])
@@ -643,4 +354,13 @@ def _run_plan(plan: Plan, ctx: MethodContext, *, method, steps, grid, solver, pr
         steps=offset,
         method=method,
         settings=settings,
+        logp_stderr=None if var is None or not track_logp else var.clamp_min(0).sqrt(),
     )
+
+
+def _add_variance(total: Tensor | None, var: Tensor | None) -> Tensor | None:
+    """Variances of independent phases add; a phase that reports none adds nothing."""
+    if var is None:
+        return total
+    var = var.to(torch.float64)
+    return var if total is None else total + var
