@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffdensity.cli import main
-from diffdensity.images import to_uint8
+from diffdensity.cli.figures import to_uint8
 
 
 def rows(path):

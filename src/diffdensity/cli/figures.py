@@ -1,4 +1,5 @@
-"""Image helpers: model space ``[-1, 1]`` <-> 8-bit, PNG sizes, labelled grids."""
+"""Figures and image helpers of the command line: model space ``[-1, 1]`` <-> 8-bit, PNG sizes,
+labelled grids, the log-density path plot and the detail scatter plot."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["to_uint8", "png_size", "save_grid"]
+__all__ = ["to_uint8", "png_size", "save_grid", "save_png", "plot_paths", "plot_detail", "correlations"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def to_uint8(x: Tensor) -> Tensor:
@@ -22,6 +32,12 @@ def _pil(img: Tensor):
 
     arr = img.permute(1, 2, 0).numpy()
     return Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
+
+
+def save_png(path: str | Path, img: Tensor) -> Path:
+    """Save one uint8 image ``(C, H, W)`` (C = 1 or 3) as a PNG file."""
+    _pil(img).save(path)
+    return Path(path)
 
 
 def png_size(images: Tensor) -> Tensor:
@@ -48,11 +64,7 @@ def save_grid(
     Images are upscaled ``scale`` times with nearest neighbours so small patches stay
     legible; labels go left of each row and under each cell (matplotlib).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     n_rows, n_cols = len(rows), max(r.shape[0] for r in rows)
     h, w = rows[0].shape[-2:]
     fig, axes = plt.subplots(
@@ -103,3 +115,34 @@ def correlations(a: Tensor, b: Tensor) -> tuple[float, float]:
     return pearson, spearman
 
 
+
+
+def plot_paths(path: Path, paths, schedule) -> Path:
+    """Mean log p_t(x_t) against logSNR for each ``(name, ts (K,), logp_path (K, B))``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, ts, lp in paths:
+        lam = schedule.log_snr(ts.to(torch.float64))
+        ax.plot(lam.tolist(), lp.mean(1).tolist(), label=name)
+    ax.set_xlabel("logSNR (sampling runs left to right)")
+    ax.set_ylabel("mean log p_t(x_t) [nats]")
+    ax.set_title("log-density along the sampling trajectory")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_detail(path: Path, bpd: Tensor, size: Tensor, spearman: float) -> Path:
+    """Scatter of log-density (negative bits/dim) against PNG size."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.scatter((-bpd).tolist(), size.tolist(), s=10)
+    ax.set_xlabel("log-density [negative bits/dim]")
+    ax.set_ylabel("PNG size [bytes]")
+    ax.set_title(f"detail vs density: Spearman {-spearman:+.2f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
