@@ -64,7 +64,7 @@ def make_model(device: str):
 
 def worker(a: argparse.Namespace) -> None:
     """One rank of a ``torchrun`` job: warm up, score the folder, rank 0 writes the timing."""
-    from diffdensity.evaluate import score_dataset
+    from diffdensity.scoring import score_dataset
     from diffdensity.divergence import Hutchinson
     from diffdensity.likelihood import log_likelihood
 

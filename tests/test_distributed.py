@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from diffdensity import evaluate as ev
+from diffdensity.scoring import score_dataset
 from diffdensity.zoo import gmm_preset
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -32,7 +32,7 @@ def test_torchrun_two_gloo_ranks_match_one_process(tmp_path):
     out = tmp_path / "two.csv"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "diffdensity.evaluate", str(folder), "--model", "gmm:image16", "--out", str(out),
+        "-m", "diffdensity", "logp", str(folder), "--model", "gmm:image16", "--out", str(out),
         "--steps", "3", "--solver", "euler", "--device", "cpu", "--batch-size", "2", "--quiet",
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -43,7 +43,7 @@ def test_torchrun_two_gloo_ranks_match_one_process(tmp_path):
     assert meta["world_size"] == 2 and meta["state"] == "complete"
 
     ref = tmp_path / "one.csv"
-    res = ev.score_dataset(gmm_preset("image16"), folder, ref, steps=3, solver="euler", batch_size=5, progress=False, verbose=False)
+    res = score_dataset(gmm_preset("image16"), folder, ref, steps=3, solver="euler", batch_size=5, progress=False, verbose=False)
     assert res.world_size == 1 and res.n_ok == 7
     two, one = read_csv(out), read_csv(ref)
     assert [int(r["index"]) for r in two] == list(range(8))
@@ -56,7 +56,7 @@ def _worker(rank: int, init_file: str, folder: str, out: str, fail_rank: int) ->
     model = make_model()
     if rank == fail_rank:
         model = Counting(model, fail_after=CALLS + 1)  # dies during its second image
-    ev.score_dataset(model, folder, out, batch_size=1, **OPTS)
+    score_dataset(model, folder, out, batch_size=1, **OPTS)
     dist.destroy_process_group()
 
 
@@ -64,7 +64,7 @@ def test_dead_rank_loses_no_rows_and_rerun_resumes(tmp_path):
     folder = tmp_path / "imgs"
     write_images(folder)
     out = tmp_path / "scores.csv"
-    ev.score_dataset(make_model(), folder, tmp_path / "ref.csv", **OPTS)  # reference; warms up forward AD for the forks
+    score_dataset(make_model(), folder, tmp_path / "ref.csv", **OPTS)  # reference; warms up forward AD for the forks
     with pytest.raises(mp.ProcessRaisedException, match="injected"):
         mp.start_processes(_worker, args=(str(tmp_path / "store"), str(folder), str(out), 1), nprocs=2, start_method=START)
     parts = sorted((tmp_path / "scores.csv.parts").glob("rank-*.csv"))
@@ -74,7 +74,7 @@ def test_dead_rank_loses_no_rows_and_rerun_resumes(tmp_path):
 
     model = make_model()
     counting = Counting(model)
-    res = ev.score_dataset(counting, folder, out, batch_size=4, **OPTS)  # resumed by one process
+    res = score_dataset(counting, folder, out, batch_size=4, **OPTS)  # resumed by one process
     assert res.resumed == len(done) and res.computed == N_IMAGES - len(done)
     assert counting.rows == (N_IMAGES - len(done)) * CALLS
     rows = read_csv(out)

@@ -18,6 +18,9 @@ import torch
 
 import diffdensity as dd
 from diffdensity import evaluate as ev
+from diffdensity.scoring import keys as rng
+from diffdensity.scoring import score_dataset
+from diffdensity.scoring.probes import PerSampleHutchinson
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -94,7 +97,7 @@ def images(tmp_path) -> Path:
 
 @pytest.fixture
 def reference(model, images, tmp_path) -> list[dict]:
-    ev.score_dataset(model, images, tmp_path / "reference.csv", **OPTS)
+    score_dataset(model, images, tmp_path / "reference.csv", **OPTS)
     return read_csv(tmp_path / "reference.csv")
 
 
@@ -103,16 +106,16 @@ def reference(model, images, tmp_path) -> list[dict]:
 
 def test_counter_rng_is_per_sample_and_well_distributed():
     idx = torch.arange(400)
-    keys = ev.sample_keys(7, 1, idx, 0)
-    sub = ev.sample_keys(7, 1, torch.tensor([391, 5]), 0)
+    keys = rng.sample_keys(7, 1, idx, 0)
+    sub = rng.sample_keys(7, 1, torch.tensor([391, 5]), 0)
     assert torch.equal(sub, keys[[391, 5]])  # a sample's key ignores the rest of the batch
-    assert not torch.equal(ev.sample_keys(8, 1, idx, 0), keys) and not torch.equal(ev.sample_keys(7, 2, idx, 0), keys)
-    u = ev.uniform(keys, 500)
+    assert not torch.equal(rng.sample_keys(8, 1, idx, 0), keys) and not torch.equal(rng.sample_keys(7, 2, idx, 0), keys)
+    u = rng.uniform(keys, 500)
     assert 0 < u.min() and u.max() < 1
     assert abs(u.mean() - 0.5) < 0.01 and abs(u.var() * 12 - 1) < 0.02
-    z = ev.normal(keys, 500)
+    z = rng.normal(keys, 500)
     assert abs(z.mean()) < 0.02 and abs(z.var() - 1) < 0.03
-    r = ev.rademacher(keys, 500)
+    r = rng.rademacher(keys, 500)
     assert set(r.unique().tolist()) == {-1.0, 1.0} and abs(r.mean()) < 0.02
     pairs = torch.stack([u[:-1].flatten(), u[1:].flatten()])  # neighbouring samples
     assert abs(torch.corrcoef(pairs)[0, 1]) < 0.02
@@ -123,8 +126,8 @@ def test_per_sample_hutchinson_ignores_batch_layout():
     a = torch.randn(12, 12, generator=g, dtype=torch.float64)
     fn = lambda x: x.reshape(x.shape[0], -1) @ a.T  # noqa: E731  div = tr(a)
     x = torch.randn(5, 12, dtype=torch.float64, generator=g)
-    est = ev.PerSampleHutchinson(2)
-    keys = ev.sample_keys(0, ev.STREAM_PROBES, torch.arange(5))
+    est = PerSampleHutchinson(2)
+    keys = rng.sample_keys(0, rng.STREAM_PROBES, torch.arange(5))
 
     def run(sel):
         est.reset()
@@ -146,12 +149,12 @@ def test_per_sample_hutchinson_ignores_batch_layout():
 
 def test_rows_match_log_likelihood_of_the_dequantised_point(model, images, tmp_path):
     files = [images / "img_000.png", images / "img_003.png"]
-    res = ev.score_dataset(model, files, tmp_path / "exact.csv", divergence="exact", **OPTS)
+    res = score_dataset(model, files, tmp_path / "exact.csv", divergence="exact", **OPTS)
     assert res.exit_code == 0 and res.n_ok == 2 and res.computed == 2
     row = res.rows[1]
     assert row["file"] == str(files[1])
     u = torch.from_numpy(np.array(PIL.open(row["file"]))).permute(2, 0, 1)[None].to(torch.float64)
-    noise = ev.uniform(ev.sample_keys(0, ev.STREAM_DEQUANT, torch.tensor([1]), torch.tensor([0])), u.numel())
+    noise = rng.uniform(rng.sample_keys(0, rng.STREAM_DEQUANT, torch.tensor([1]), torch.tensor([0])), u.numel())
     x = (2 * (u + noise.reshape(u.shape)) / 256 - 1).float()
     direct = dd.log_likelihood(model, x, steps=4, solver="heun", divergence=dd.Exact(mode="reverse"))
     assert math.isclose(float(row["logp"]), float(direct.logp), rel_tol=1e-12)
@@ -164,7 +167,7 @@ def test_rows_match_log_likelihood_of_the_dequantised_point(model, images, tmp_p
 def test_results_do_not_depend_on_batch_size(model, images, tmp_path, options):
     outs = []
     for bs in (1, 3, N_IMAGES):
-        ev.score_dataset(model, images, tmp_path / f"bs{bs}.csv", batch_size=bs, **options, **OPTS)
+        score_dataset(model, images, tmp_path / f"bs{bs}.csv", batch_size=bs, **options, **OPTS)
         outs.append(read_csv(tmp_path / f"bs{bs}.csv"))
     assert outs[0][0]["logp"] != ""
     for other in outs[1:]:
@@ -173,11 +176,11 @@ def test_results_do_not_depend_on_batch_size(model, images, tmp_path, options):
 
 def test_tensor_dataset_matches_files(model, images, reference, tmp_path):
     data = torch.stack([torch.from_numpy(np.array(PIL.open(p))).permute(2, 0, 1) for p in sorted(images.iterdir())])
-    res = ev.score_dataset(model, data, tmp_path / "tensor.csv", **OPTS)
+    res = score_dataset(model, data, tmp_path / "tensor.csv", **OPTS)
     assert [r["file"] for r in res.rows] == [""] * N_IMAGES
     assert torch.allclose(res.logp, torch.tensor([float(r["logp"]) for r in reference], dtype=torch.float64), rtol=1e-12)
     with pytest.raises(ValueError, match="0, 255"):
-        ev.score_dataset(model, data.float() + 0.5, tmp_path / "bad.csv", **OPTS)
+        score_dataset(model, data.float() + 0.5, tmp_path / "bad.csv", **OPTS)
 
 
 def test_bad_images_are_reported_and_skipped(model, images, reference, tmp_path, capsys):
@@ -185,7 +188,7 @@ def test_bad_images_are_reported_and_skipped(model, images, reference, tmp_path,
     PIL.fromarray(np.zeros((9, 8, 3), np.uint8)).save(images / "img_005b.png")  # wrong size
     good = (images / "img_000.png").read_bytes()
     (images / "img_007b.png").write_bytes(good[: len(good) // 2])  # truncated
-    res = ev.score_dataset(model, images, tmp_path / "bad.csv", progress=False, steps=4)
+    res = score_dataset(model, images, tmp_path / "bad.csv", progress=False, steps=4)
     rows = read_csv(tmp_path / "bad.csv")
     assert len(rows) == N_IMAGES + 3 and [int(r["index"]) for r in rows] == list(range(N_IMAGES + 3))
     status = {Path(r["file"]).name: r["status"] for r in rows}
@@ -202,10 +205,10 @@ def test_bad_images_are_reported_and_skipped(model, images, reference, tmp_path,
 
 def test_only_fixed_step_solvers_and_checked_options(model, images, tmp_path):
     with pytest.raises(ValueError, match="adaptive"):
-        ev.score_dataset(model, images, tmp_path / "a.csv", **{**OPTS, "solver": "dopri5"})
+        score_dataset(model, images, tmp_path / "a.csv", **{**OPTS, "solver": "dopri5"})
     for bad in (dict(steps=0), dict(probes=0), dict(draws=0), dict(seed=-1), dict(batch_size=0), dict(divergence="x")):
         with pytest.raises(ValueError):
-            ev.score_dataset(model, images, tmp_path / "a.csv", **{**OPTS, **bad})
+            score_dataset(model, images, tmp_path / "a.csv", **{**OPTS, **bad})
 
 
 # -- resumption --------------------------------------------------------------------------
@@ -215,20 +218,20 @@ def test_crash_then_resume_recomputes_only_missing_rows(model, images, reference
     out = tmp_path / "run.csv"
     crashing = Counting(model, fail_after=CALLS + 3)  # dies in the 2nd batch of 2
     with pytest.raises(RuntimeError, match="injected"):
-        ev.score_dataset(crashing, images, out, batch_size=2, **OPTS)
+        score_dataset(crashing, images, out, batch_size=2, **OPTS)
     assert not out.exists()
     parts = list((tmp_path / "run.csv.parts").glob("rank-*.csv"))
     assert len(parts) == 1 and len(read_csv(parts[0])) == 2  # the first batch is safe on disk
 
     counting = Counting(model)
-    res = ev.score_dataset(counting, images, out, batch_size=2, **OPTS)
+    res = score_dataset(counting, images, out, batch_size=2, **OPTS)
     assert res.resumed == 2 and res.computed == N_IMAGES - 2
     assert counting.rows == (N_IMAGES - 2) * CALLS  # finished rows were not recomputed
     assert_same_results(read_csv(out), reference)
     assert not (tmp_path / "run.csv.parts").exists()
 
     again = Counting(model)  # a complete output: nothing to do
-    res = ev.score_dataset(again, images, out, **OPTS)
+    res = score_dataset(again, images, out, **OPTS)
     assert again.rows == 0 and res.resumed == N_IMAGES and res.exit_code == 0
     assert_same_results(read_csv(out), reference)
 
@@ -236,12 +239,12 @@ def test_crash_then_resume_recomputes_only_missing_rows(model, images, reference
 def test_torn_trailing_line_is_ignored_and_repaired(model, images, reference, tmp_path):
     out = tmp_path / "torn.csv"
     with pytest.raises(RuntimeError):
-        ev.score_dataset(Counting(model, fail_after=2 * CALLS), images, out, batch_size=1, **OPTS)
+        score_dataset(Counting(model, fail_after=2 * CALLS), images, out, batch_size=1, **OPTS)
     part = tmp_path / "torn.csv.parts" / "rank-00000.csv"
     with open(part, "ab") as f:  # a write cut short by a kill
         f.write(f"2,{images / 'img_002.png'},-33".encode())
     counting = Counting(model)
-    res = ev.score_dataset(counting, images, out, batch_size=4, **OPTS)
+    res = score_dataset(counting, images, out, batch_size=4, **OPTS)
     assert res.resumed == 2 and counting.rows == (N_IMAGES - 2) * CALLS
     rows = read_csv(out)
     assert len(rows) == N_IMAGES and len({r["index"] for r in rows}) == N_IMAGES
@@ -251,20 +254,20 @@ def test_torn_trailing_line_is_ignored_and_repaired(model, images, reference, tm
 def test_changed_settings_refuse_to_resume(model, images, reference, tmp_path):
     out = tmp_path / "reference.csv"
     with pytest.raises(ValueError, match="steps"):
-        ev.score_dataset(model, images, out, **{**OPTS, "steps": 5})
-    res = ev.score_dataset(model, images, out, overwrite=True, **{**OPTS, "steps": 5})
+        score_dataset(model, images, out, **{**OPTS, "steps": 5})
+    res = score_dataset(model, images, out, overwrite=True, **{**OPTS, "steps": 5})
     assert res.computed == N_IMAGES and read_csv(out)[0]["logp"] != reference[0]["logp"]
     (tmp_path / "foreign.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="meta.json"):
-        ev.score_dataset(model, images, tmp_path / "foreign.csv", **OPTS)
+        score_dataset(model, images, tmp_path / "foreign.csv", **OPTS)
 
 
 def test_new_files_in_the_folder_are_scored_on_rerun(model, images, tmp_path):
     out = tmp_path / "grow.csv"
-    ev.score_dataset(model, images, out, **OPTS)
+    score_dataset(model, images, out, **OPTS)
     PIL.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(images / "img_999.png")  # sorts last
     counting = Counting(model)
-    res = ev.score_dataset(counting, images, out, **OPTS)
+    res = score_dataset(counting, images, out, **OPTS)
     assert res.computed == 1 and res.resumed == N_IMAGES and counting.rows == CALLS
     assert read_csv(out)[-1]["file"].endswith("img_999.png")
 
@@ -273,7 +276,7 @@ _KILL_SCRIPT = """
 import sys, time, torch
 sys.path.insert(0, {tests!r})
 from test_evaluate import Counting, make_model, OPTS
-from diffdensity.evaluate import score_dataset
+from diffdensity.scoring import score_dataset
 torch.set_num_threads(1)
 score_dataset(Counting(make_model(), sleep=0.03), {images!r}, {out!r}, batch_size=1, **OPTS)
 """
@@ -299,7 +302,7 @@ def test_killed_process_resumes_without_loss(model, images, reference, tmp_path)
     assert 3 <= done < N_IMAGES
 
     counting = Counting(model)
-    res = ev.score_dataset(counting, images, out, batch_size=3, **OPTS)
+    res = score_dataset(counting, images, out, batch_size=3, **OPTS)
     assert res.resumed == done and res.computed == N_IMAGES - done
     assert counting.rows == (N_IMAGES - done) * CALLS
     rows = read_csv(out)
