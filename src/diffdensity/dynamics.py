@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .divergence import DivergenceEstimator, model_fn
+from .kernels import GaussianKernel, tweedie_kernel
 from .models import NFE, Model
 
 __all__ = [
@@ -223,7 +224,8 @@ class SDETerms:
     ``dW`` (shape of ``x``) to ``G dW`` (e.g. a projected noise). ``score``: ``s`` at
     ``(t, x)``, whose inner product with ``G dW`` is the log-density's noise term.
     ``rate``: the deterministic part of ``d log p / d tau`` (``tau = -t``), float64
-    ``(B,)``; ``None`` when the log-density is not tracked.
+    ``(B,)``; ``None`` when the log-density is not tracked. ``rate_var``: float64 ``(B,)``
+    variance of the rate's Hutchinson estimate, or ``None`` (exact, or unknown).
     """
 
     drift: Tensor
@@ -231,6 +233,7 @@ class SDETerms:
     score: Tensor
     rate: Tensor | None = None
     noise_fn: Callable[[Tensor], Tensor] | None = None
+    rate_var: Tensor | None = None
 
     def noise(self, dw: Tensor) -> Tensor:
         """``G dW`` for a Brownian increment ``dW`` of the shape of ``x``."""
@@ -246,12 +249,24 @@ class SDEDynamics(Dynamics):
     divergence estimator is needed only by dynamics whose rate involves ``div s``.
     """
 
+    schemes: tuple[str, ...] = ("euler-maruyama",)
+    """The integrators of :mod:`diffdensity.sde` these dynamics support, the default first."""
+
     def __init__(self, model: Model, *, track_logp: bool = True, **kwargs: Any):
         super().__init__(model, **kwargs)
         self.track_logp = bool(track_logp)
 
     def terms(self, t: Tensor, x: Tensor) -> SDETerms:
         raise NotImplementedError
+
+    def kernel(self, t: float, t_next: float, x: Tensor, scheme: str) -> GaussianKernel:
+        """The Gaussian reverse kernel of ``scheme`` from ``(t, x)`` to ``t_next`` (dynamics that have one)."""
+        raise NotImplementedError(f"{type(self).__name__} has no Gaussian reverse kernel; its schemes: {self.schemes}")
+
+    @property
+    def gaussian_kernel(self) -> bool:
+        """Whether :meth:`kernel` exists (a scheme beyond Euler-Maruyama); prefer :func:`diffdensity.sde.schemes_for`."""
+        return any(name != "euler-maruyama" for name in self.schemes)
 
     def __call__(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
         raise TypeError(f"{type(self).__name__} is stochastic: integrate it with diffdensity.sde.sdeint")
@@ -265,11 +280,16 @@ class ReverseSDE(SDEDynamics):
         d log p = (D f + (1/2) g^2 |s|^2) dtau + g s . dW,
 
     so tracking needs no divergence and no extra network pass. Its transition over a
-    finite step is close to a Gaussian known in closed form, which the Bayes-rule
-    integrators of :mod:`diffdensity.sde` use (``gaussian_kernel = True``).
+    finite step is close to a Gaussian known in closed form (:meth:`kernel`), which the
+    Bayes-rule integrators of :mod:`diffdensity.sde` use.
     """
 
-    gaussian_kernel = True
+    schemes = ("tweedie", "ancestral", "euler-maruyama")
+
+    def kernel(self, t: float, t_next: float, x: Tensor, scheme: str) -> GaussianKernel:
+        """``N(m, v I)`` of :func:`~diffdensity.kernels.tweedie_kernel` from one score pass at ``(t, x)``."""
+        s = self.score(torch.tensor(t, dtype=torch.float64), x)
+        return tweedie_kernel(self.schedule, t, t_next, x, s, scheme)
 
     def terms(self, t: Tensor, x: Tensor) -> SDETerms:
         sv = self.schedule(t)

@@ -141,10 +141,7 @@ class ModeTrackingODE(Dynamics):
         """``(a, c)`` of the forward kernel ``N(x_t; a x_s, c I)`` from ``s`` to the anchor time."""
         if self._anchor is None:
             raise RuntimeError("call anchor(t, x_t) before integrating the mode-tracking ODE")
-        tt = torch.tensor([self._anchor[0], s], dtype=torch.float64)
-        sv, lam = self.schedule(tt), self.schedule.log_snr(tt)
-        a = float(sv.alpha[0] / sv.alpha[1])
-        c = -float(sv.sigma[0]) ** 2 * math.expm1(float(lam[0] - lam[1]))
+        a, c = self.schedule.transition(s, self._anchor[0])
         return a, max(c, 0.0)
 
     def _laplacian(self, y: Tensor, t: Tensor, s: Tensor) -> Tensor:

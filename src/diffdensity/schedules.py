@@ -125,6 +125,20 @@ class Schedule:
         if not (math.isfinite(log_snr) and lo <= log_snr <= hi):
             raise ValueError(f"{name}={log_snr:g} is outside the logSNR range [{lo:.4g}, {hi:.4g}] of {self!r}")
 
+    def transition(self, s: float, t: float) -> tuple[float, float]:
+        """``(a, c)`` of the forward kernel ``q(x_t | x_s) = N(a x_s, c I)`` from ``s`` to ``t >= s``.
+
+        ``a = alpha_t / alpha_s`` and ``c = sigma_t^2 - a^2 sigma_s^2 =
+        -sigma_t^2 expm1(lambda_t - lambda_s)`` (docs/math.md s.10), computed from the
+        logSNR difference so that ``c`` keeps its relative precision for close times.
+        Python floats; ``c = 0`` at ``t = s``.
+        """
+        tt = torch.tensor([float(t), float(s)], dtype=torch.float64)
+        sv, lam = self(tt), self.log_snr(tt)
+        a = float(sv.alpha[0] / sv.alpha[1])
+        c = -float(sv.sigma[0]) ** 2 * math.expm1(float(lam[0] - lam[1]))
+        return a, c
+
     # -- prior ----------------------------------------------------------------------
     def prior_sample(
         self,

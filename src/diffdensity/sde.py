@@ -5,6 +5,11 @@ One step goes from ``(t, x)`` to ``(t', x')`` with ``t' < t``; ``h = t - t'``. E
 scheme evaluates the score once per step: tracking adds arithmetic, never network
 passes.
 
+Integrators are named by :data:`SCHEMES`; which ones a dynamics supports (its
+Gaussian reverse kernel, if it has one) the dynamics say themselves,
+:func:`schemes_for`. The integrator only asks the dynamics for its terms or its
+kernel; it never calls the network or the schedule itself.
+
 ``"euler-maruyama"`` (any :class:`~diffdensity.dynamics.SDEDynamics`; the reference)
     With ``z ~ N(0, I)`` shared by both lines (MATH.md s.3c/3d)::
 
@@ -16,7 +21,7 @@ passes.
     the left end, the Gaussian increment's variance ``g^2 h`` against the true
     conditional variance, ...).
 
-``"ancestral"`` and ``"tweedie"`` (the model's :class:`~diffdensity.dynamics.ReverseSDE`)
+``"ancestral"`` and ``"tweedie"`` (dynamics with a :meth:`kernel`, e.g. the model's :class:`~diffdensity.dynamics.ReverseSDE`)
     *Bayes-rule tracking.* The forward process fixes the kernel from ``t'`` to ``t``::
 
         q(x | x') = N(x; a x', c I),   a = alpha_t / alpha_t',
@@ -68,18 +73,39 @@ passes.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from .dynamics import SDEDynamics, _dot
+from .dynamics import _dot
+from .kernels import KERNEL_SCHEMES, GaussianKernel
 from .solvers import Solution, StepInfo
 
-__all__ = ["SCHEMES", "sdeint", "gaussian_kernel"]
+__all__ = ["SCHEMES", "KERNEL_SCHEMES", "sdeint", "schemes_for", "check_scheme"]
 
 SCHEMES = ("tweedie", "ancestral", "euler-maruyama")
-KERNEL_SCHEMES = ("tweedie", "ancestral")
+"""Names of the stochastic integrators; :func:`schemes_for` says which a dynamics supports."""
+
+
+def schemes_for(dynamics: Any) -> tuple[str, ...]:
+    """The schemes of :data:`SCHEMES` that ``dynamics`` supports, its default first."""
+    return tuple(getattr(dynamics, "schemes", ("euler-maruyama",)))
+
+
+def check_scheme(scheme: Any, dynamics: Any, what: str = "scheme") -> str:
+    """``scheme`` (``None``: the dynamics' default) checked against the dynamics; the name to use."""
+    supported = schemes_for(dynamics)
+    if scheme is None:
+        return supported[0]
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown stochastic {what} {scheme!r}; expected one of {SCHEMES}")
+    if scheme not in supported:
+        raise ValueError(
+            f"{what} {scheme!r} needs a Gaussian reverse kernel (the model's reverse SDE); "
+            f"{type(dynamics).__name__} supports {supported}"
+        )
+    return scheme
 
 
 def _randn(x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -87,98 +113,78 @@ def _randn(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
 
 
-def gaussian_kernel(schedule, t: float, t_next: float, x: Tensor, s: Tensor, scheme: str = "tweedie"):
-    """Gaussian reverse kernel ``N(m, v I)`` from ``(t, x)`` to ``t_next < t`` and the forward kernel's ``(a, c)``.
+def kernel_logp_increment(k: GaussianKernel, x: Tensor, x_new: Tensor) -> Tensor:
+    """Bayes' rule along a step: ``log p^(x' | x) - log q(x | x')``, float64 ``(B,)`` (minus the kernel's bias estimate).
 
-    ``s`` is the score at ``(t, x)``. Returns ``(m, v, a, c)``: ``m`` float64 of the shape
-    of ``x``, ``v`` float64 ``(B,)``, ``a`` and ``c`` Python floats.
+    ``x`` ``(B, *event_shape)`` at ``t``, ``x_new`` at ``t_next``, ``k`` the kernel that drew it.
     """
-    tt = torch.tensor([t, t_next], dtype=torch.float64)
-    sv = schedule(tt)
-    lam = schedule.log_snr(tt)
-    a = float(sv.alpha[0] / sv.alpha[1])
-    sig2 = float(sv.sigma[0]) ** 2
-    c = -sig2 * math.expm1(float(lam[0] - lam[1]))
-    if not c > 0:
-        raise ValueError(f"a reverse step needs t_next < t with decreasing logSNR, got t={t:g}, t_next={t_next:g}")
-    x64, s64 = x.to(torch.float64), s.to(torch.float64)
-    m = (x64 + c * s64) / a
     dim = math.prod(x.shape[1:])
-    if scheme == "ancestral":
-        kappa = torch.full((x.shape[0],), c / sig2, dtype=torch.float64, device=x.device)
-    elif scheme == "tweedie":
-        kappa = (c * _dot(s64, s64) / dim).clamp(0.0, c / sig2)
-    else:
-        raise ValueError(f"unknown kernel scheme {scheme!r}; expected one of {KERNEL_SCHEMES}")
-    v = (c / a**2) * (1 - kappa)
-    return m, v, a, c
+    xn64 = x_new.to(torch.float64)
+    r = xn64 - k.mean
+    e = x.to(torch.float64) - k.a * xn64
+    dlogp = -_dot(r, r) / (2 * k.var) + _dot(e, e) / (2 * k.c) - 0.5 * dim * torch.log(k.var / k.c)
+    return dlogp if k.logp_bias is None else dlogp - k.logp_bias
 
 
 def _kernel_step(dyn, t: float, t_next: float, x: Tensor, generator, scheme: str, track: bool):
-    """One Bayes-rule step of the reverse SDE: ``(x', d logp or None)``."""
-    s = dyn.score(torch.tensor(t, dtype=torch.float64), x)
-    m, v, a, c = gaussian_kernel(dyn.schedule, t, t_next, x, s, scheme)
+    """One Bayes-rule step: ``(x', d logp or None, its variance or None)``."""
+    k = dyn.kernel(t, t_next, x, scheme)
     view = (-1,) + (1,) * (x.ndim - 1)
     z = _randn(x, generator)
-    x_new = (m + v.sqrt().reshape(view) * z.to(torch.float64)).to(x.dtype)
+    x_new = (k.mean + k.var.sqrt().reshape(view) * z.to(torch.float64)).to(x.dtype)
     if not track:
-        return x_new, None
-    dim = math.prod(x.shape[1:])
-    xn64 = x_new.to(torch.float64)
-    r = xn64 - m
-    e = x.to(torch.float64) - a * xn64
-    dlogp = -_dot(r, r) / (2 * v) + _dot(e, e) / (2 * c) - 0.5 * dim * torch.log(v / c)
-    return x_new, dlogp
+        return x_new, None, None
+    return x_new, kernel_logp_increment(k, x, x_new), getattr(k, "logp_var", None)
 
 
-def _em_step(dyn: SDEDynamics, t: float, t_next: float, x: Tensor, generator, track: bool):
-    """One Euler-Maruyama step (MATH.md s.3c/3d): ``(x', d logp or None)``."""
+def _em_step(dyn, t: float, t_next: float, x: Tensor, generator, track: bool):
+    """One Euler-Maruyama step (docs/math.md s.3c/3d): ``(x', d logp or None, its variance or None)``."""
     h = t - t_next
     terms = dyn.terms(torch.tensor(t, dtype=torch.float64), x)
     dw = _randn(x, generator) * math.sqrt(h)
     gdw = terms.noise(dw)
     x_new = x - h * terms.drift + gdw
     if not track:
-        return x_new, None
-    return x_new, terms.rate * h + _dot(terms.score, gdw)
+        return x_new, None, None
+    var = getattr(terms, "rate_var", None)
+    return x_new, terms.rate * h + _dot(terms.score, gdw), None if var is None else var * h**2
 
 
 def sdeint(
-    dynamics: SDEDynamics,
+    dynamics: Any,
     x: Tensor,
     ts: Tensor,
     *,
     logp: Tensor | None = None,
-    scheme: str = "euler-maruyama",
+    scheme: str | None = None,
     generator: torch.Generator | None = None,
     callback: Callable[[StepInfo], None] | None = None,
     begin_step: Callable[[], None] | None = None,
 ) -> Solution:
     """Integrate ``dx = u dt + G dW_bar`` backwards along the decreasing grid ``ts`` ``(N + 1,)``.
 
-    ``logp``: float64 ``(B,)`` log-density at ``ts[0]``, or ``None`` not to track it.
-    ``scheme``: ``"euler-maruyama"`` (any dynamics) or the Bayes-rule schemes
-    ``"tweedie"`` / ``"ancestral"`` (the model's reverse SDE only; see the module
-    docstring). ``generator`` draws the Brownian increments; ``begin_step`` is called
-    before each step (fresh Hutchinson probes). Returns the final state, the
-    log-density path ``(N + 1, B)`` and the grid.
+    ``dynamics``: anything with ``terms(t, x)`` (:class:`~diffdensity.dynamics.SDETerms`)
+    for ``"euler-maruyama"``, and ``kernel(t, t_next, x, scheme)``
+    (:class:`~diffdensity.kernels.GaussianKernel`) for the Bayes-rule schemes it lists
+    in ``schemes``. ``logp``: float64 ``(B,)`` log-density at ``ts[0]``, or ``None`` not
+    to track it. ``scheme``: a name in :data:`SCHEMES` (``None``: the dynamics' default,
+    :func:`schemes_for`). ``generator`` draws the Brownian increments; ``begin_step`` is
+    called before each step (fresh Hutchinson probes). Returns the final state, the
+    log-density path ``(N + 1, B)``, the grid, and ``logp_var`` (float64 ``(B,)``, the
+    variance of the Hutchinson part of the accumulated ``log p``; zeros when no step
+    estimates a divergence).
     """
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown stochastic scheme {scheme!r}; expected one of {SCHEMES}")
-    if scheme in KERNEL_SCHEMES and not getattr(dynamics, "gaussian_kernel", False):
-        raise ValueError(
-            f"scheme {scheme!r} needs the model's reverse SDE (a known Gaussian reverse kernel); "
-            f"{type(dynamics).__name__} can only be integrated with 'euler-maruyama'"
-        )
+    scheme = check_scheme(scheme, dynamics)
     ts = torch.as_tensor(ts, dtype=torch.float64).flatten()
     if ts.numel() < 2 or not (ts[1:] < ts[:-1]).all():
         raise ValueError("ts must be a strictly decreasing grid of at least two times")
     if not torch.isfinite(x).all():
         raise ValueError("initial state x contains NaN or Inf")
     track = logp is not None
-    if track and isinstance(dynamics, SDEDynamics) and not dynamics.track_logp:
+    if track and not getattr(dynamics, "track_logp", True):
         raise ValueError("logp was given but the dynamics were built with track_logp=False")
     lp = None if logp is None else logp.to(torch.float64).clone()
+    var = None if logp is None else torch.zeros_like(lp)
     path = [lp.clone()] if track else []
     if callback is not None:
         callback(StepInfo(0, float(ts[0]), x, lp))
@@ -187,18 +193,16 @@ def sdeint(
         if begin_step is not None:
             begin_step()
         if scheme == "euler-maruyama":
-            x, dlp = _em_step(dynamics, t, t_next, x, generator, track)
+            x, dlp, dvar = _em_step(dynamics, t, t_next, x, generator, track)
         else:
-            x, dlp = _kernel_step(dynamics, t, t_next, x, generator, scheme, track)
+            x, dlp, dvar = _kernel_step(dynamics, t, t_next, x, generator, scheme, track)
         if track:
             lp = lp + dlp
+            if dvar is not None:
+                var = var + dvar
             path.append(lp.clone())
         if callback is not None:
             callback(StepInfo(i + 1, t_next, x, lp))
-    return Solution(
-        x=x,
-        logp=lp,
-        ts=ts.clone(),
-        logp_path=torch.stack(path) if track else None,
-        steps=len(ts) - 1,
-    )
+    sol = Solution(x=x, logp=lp, ts=ts.clone(), logp_path=torch.stack(path) if track else None, steps=len(ts) - 1)
+    sol.logp_var = var
+    return sol
