@@ -207,7 +207,7 @@ def test_score_model_errors():
         dd.ScoreModel(lambda x, t: x, "vp")
     x = torch.randn(3, DIM, generator=gen(22), dtype=F64)
     bad = dd.ScoreModel(lambda x, t: x[:, :-1], sched, parametrization="eps")
-    with pytest.raises(ValueError, match=r"output has shape \(3, 4\), expected \(3, 5\)"):
+    with pytest.raises(ValueError, match=r"returned shape \(3, 4\), expected \(3, 5\)"):
         bad.score(x, 0.5)
     with pytest.raises(ValueError, match="t must be a scalar or of shape"):
         dd.ScoreModel(lambda x, t: x, sched).score(x, torch.full((2,), 0.5))

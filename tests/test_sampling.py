@@ -295,11 +295,35 @@ def test_latent_and_count_errors(gmm):
         sample(object(), 3)
 
 
-def test_non_finite_samples_raise():
+@pytest.mark.parametrize("method", ["sde", "pf-ode"])
+def test_a_network_returning_nan_is_named_as_the_cause(method):
     sched = dd.VP()
-    model = dd.ScoreModel(lambda x, t: torch.where(t[:, None] < 0.5, torch.full_like(x, float("nan")), -x), sched, event_shape=(2,))
-    with pytest.raises(FloatingPointError, match="produced NaN or Inf"):
-        sample(model, 2, method="sde", steps=8, track_logp=False, generator=gen(0))
+
+    def fn(x, t):  # NaN below t = 0.5, for the second sample only
+        nan = (t[:, None] < 0.5) & (torch.arange(len(x))[:, None] == 1)
+        return torch.where(nan, torch.full_like(x, float("nan")), -x)
+
+    model = dd.ScoreModel(fn, sched, event_shape=(2,))
+    with pytest.raises(FloatingPointError, match=r"NaN or Inf at t=0\.\d+ for .*\b1\b.*of 3.*more steps will not help"):
+        sample(model, 3, method=method, steps=8, generator=gen(0))
+
+
+def test_a_step_too_large_is_named_as_the_cause():
+    sched = dd.VP()
+    model = dd.ScoreModel(lambda x, t: -1e30 * x, sched, event_shape=(2,))  # finite (float32), but explodes any step
+    with pytest.raises(FloatingPointError, match=r"integration diverged .*\|x\| reached .* step is too large .* use more steps"):
+        sample(model, 3, method="sde", steps=4, track_logp=False, generator=gen(0))
+
+
+@pytest.mark.parametrize("out, error, match", [
+    (lambda x: (x,), TypeError, r"returned tuple, expected a tensor of shape \(3, 2\) \(unwrap it"),
+    (lambda x: x[:, :1], ValueError, r"returned shape \(3, 1\), expected \(3, 2\)"),
+    (lambda x: x.long(), TypeError, "returned a torch.int64 tensor"),
+])  # fmt: skip
+def test_network_output_is_checked(out, error, match):
+    model = dd.ScoreModel(lambda x, t: out(x), dd.VP(), event_shape=(2,))
+    with pytest.raises(error, match=match):
+        sample(model, 3, steps=2, generator=gen(0))
 
 
 def test_hd_ode_is_the_reverse_sde_drift(gmm):

@@ -30,6 +30,7 @@ __all__ = [
     "NFE",
     "PARAMETRIZATIONS",
     "placement",
+    "check_output",
     "prediction_to_score",
     "score_to_prediction",
 ]
@@ -55,6 +56,22 @@ def placement(model: Any) -> tuple[torch.device, torch.dtype]:
     elif not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"{type(model).__name__}.dtype must be a floating torch.dtype or None, got {dtype!r}")
     return device, dtype
+
+
+def check_output(out: Any, x: Tensor, who: str) -> Tensor:
+    """``out`` must be a floating tensor of the shape of ``x`` (a score or a prediction).
+
+    Shape and type only (valid under ``torch.func`` transforms); non-finite values are
+    caught where the state is integrated.
+    """
+    if not isinstance(out, Tensor):
+        hint = " (unwrap it, e.g. lambda x, t: net(x, t)[0])" if isinstance(out, (tuple, list, dict)) or hasattr(out, "sample") else ""
+        raise TypeError(f"{who} returned {type(out).__name__}, expected a tensor of shape {tuple(x.shape)}{hint}")
+    if out.shape != x.shape:
+        raise ValueError(f"{who} returned shape {tuple(out.shape)}, expected {tuple(x.shape)} (the shape of x)")
+    if not out.is_floating_point():
+        raise TypeError(f"{who} returned a {out.dtype} tensor, expected a floating-point one")
+    return out
 
 
 def _network_placement(network: torch.nn.Module | None) -> tuple[torch.device | None, torch.dtype | None]:
@@ -216,8 +233,7 @@ class ScoreModel:
             pred = self.fn(x / a, (v.sigma / v.alpha).to(x.dtype), **cond)
         else:
             pred = self.fn(x, t.to(x.dtype), **cond)
-        if pred.shape != x.shape:
-            raise ValueError(f"network output has shape {tuple(pred.shape)}, expected {tuple(x.shape)}")
+        check_output(pred, x, "the network")
         return prediction_to_score(pred, x, v, self.parametrization)
 
 

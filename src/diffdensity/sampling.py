@@ -301,6 +301,7 @@ def _run_plan(plan: Plan, ctx: MethodContext, *, method, steps, grid, solver, pr
     times: list[Tensor] = []
     paths: list[Tensor] = []
     offset, phase_log = 0, []
+    watch = _FiniteWatch(model, ctx.cond)
     with torch.no_grad():
         for k, (phase, ts, name) in enumerate(zip(plan.phases, pieces, solvers)):
             if len(ts) < 2:
@@ -312,6 +313,7 @@ def _run_plan(plan: Plan, ctx: MethodContext, *, method, steps, grid, solver, pr
             first = offset == 0
 
             def cb(info: StepInfo, _offset=offset, _first=first) -> None:
+                watch(info, phase.name)
                 if callback is not None and (info.step > 0 or _first):
                     callback(StepInfo(info.step + _offset, info.t, info.x, info.logp))
 
@@ -330,8 +332,6 @@ def _run_plan(plan: Plan, ctx: MethodContext, *, method, steps, grid, solver, pr
                 paths.append(sol.logp_path if first else sol.logp_path[1:])
             phase_log.append(dict(name=phase.name, solver=name, t_start=float(ts[0]), t_end=float(ts[-1]), steps=sol.steps))
             offset += sol.steps
-    if not torch.isfinite(x).all():
-        raise FloatingPointError(f"sampling with method {method!r} produced NaN or Inf (steps={steps}); try more steps")
     settings = dict(
         method=method,
         options={k: _describe(val) for k, val in options.items()},
@@ -356,6 +356,43 @@ def _run_plan(plan: Plan, ctx: MethodContext, *, method, steps, grid, solver, pr
         settings=settings,
         logp_stderr=None if var is None or not track_logp else var.clamp_min(0).sqrt(),
     )
+
+
+class _FiniteWatch:
+    """Stops sampling at the first step whose state (or log-density) is not finite, saying why.
+
+    The last finite state tells the two causes apart: a network that returns NaN/Inf at a
+    moderate state (broken weights, inputs it cannot take), or a state that grew without
+    bound first, a step too large for the dynamics (then more steps or another grid help).
+    """
+
+    def __init__(self, model: Model, cond: dict[str, Any]):
+        self.model, self.cond, self.last = model, cond, None
+
+    def __call__(self, info: StepInfo, phase: str) -> None:
+        bad = ~torch.isfinite(info.x.reshape(info.x.shape[0], -1)).all(1)
+        if info.logp is not None:
+            bad |= ~torch.isfinite(info.logp)
+        if not bad.any():
+            self.last = (info.t, info.x)
+            return
+        idx = bad.nonzero().flatten().tolist()
+        where = f"samples {idx[:8]}{' ...' if len(idx) > 8 else ''} (of {info.x.shape[0]})"
+        if self.last is None:
+            raise FloatingPointError(f"phase {phase!r}: the state is not finite at its start (t={info.t:g}) for {where}")
+        t0, x0 = self.last
+        size = float(x0[bad].abs().max())
+        if size <= 1e6 * max(1.0, self.model.schedule.prior_std):
+            s = self.model.score(x0, torch.full((x0.shape[0],), t0, dtype=torch.float64, device=x0.device), **self.cond)
+            if not torch.isfinite(s[bad]).all():
+                raise FloatingPointError(
+                    f"phase {phase!r}: the model's score is NaN or Inf at t={t0:g} for {where}; the network (or its "
+                    f"weights or conditioning) produces non-finite values there - more steps will not help"
+                )
+        raise FloatingPointError(
+            f"phase {phase!r}: the integration diverged between t={t0:g} and t={info.t:g} for {where} (|x| reached "
+            f"{size:.3g}); the step is too large for these dynamics: use more steps or another grid"
+        )
 
 
 def _add_variance(total: Tensor | None, var: Tensor | None) -> Tensor | None:
