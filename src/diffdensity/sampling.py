@@ -22,7 +22,7 @@ from .dynamics import Dynamics
 from .methods import METHODS, MethodContext, Phase, Plan, resolve_options
 from .models import NFE, Model, placement
 from .schedules import GRIDS
-from .sde import SCHEMES, sdeint
+from .sde import SCHEMES, check_scheme, sdeint
 from .solvers import TABLEAUX, StepInfo, odeint
 
 __all__ = ["sample", "SampleResult"]
@@ -103,49 +103,31 @@ def _split_grid(grid: Tensor, ends: list[float]) -> list[Tensor]:
     return [grid[a : b + 1] for a, b in zip(cuts[:-1], cuts[1:])]
 
 
-def _resolve_solver(solver: Any, phases: list[Phase], method: str) -> list[str]:
-    """The integrator of each phase: an ODE tableau or a stochastic scheme."""
-    chosen: dict[str, str | None] = {"ode": None, "sde": None}
-    kinds = {"sde" if p.stochastic else "ode" for p in phases}
-    if solver is None:
-        pass
-    elif isinstance(solver, str):
-        if solver in TABLEAUX:
-            kind = "ode"
-        elif solver in SCHEMES:
-            kind = "sde"
-        else:
+def _resolve_solver(solver: str | None, phases: list[Phase], method: str) -> list[str]:
+    """The integrator of each phase: ``solver`` for the phases of its kind, defaults for the rest.
+
+    ``solver`` is one name: an ODE tableau of :data:`~diffdensity.solvers.TABLEAUX` (for
+    deterministic phases) or a stochastic scheme of :data:`~diffdensity.sde.SCHEMES` (for
+    stochastic ones, checked against what each dynamics supports); the two sets of names
+    are disjoint.
+    """
+    if solver is not None:
+        if not isinstance(solver, str) or solver not in (*TABLEAUX, *SCHEMES):
             raise ValueError(
                 f"unknown solver {solver!r}; expected an ODE solver {tuple(sorted(TABLEAUX))} "
                 f"or a stochastic scheme {SCHEMES}"
             )
-        if kind not in kinds:
-            what = "deterministic" if kind == "ode" else "stochastic"
+        stochastic = solver in SCHEMES
+        if not any(p.stochastic == stochastic for p in phases):
+            what = "stochastic" if stochastic else "deterministic"
             raise ValueError(f"solver {solver!r} integrates {what} phases, but method {method!r} has none")
-        chosen[kind] = solver
-    elif isinstance(solver, dict):
-        bad = sorted(set(solver) - {"ode", "sde"})
-        if bad:
-            raise ValueError(f"solver dict keys must be 'ode' and/or 'sde', got {bad}")
-        if "ode" in solver:
-            chosen["ode"] = v.check_choice(solver["ode"], "ODE solver", TABLEAUX)
-        if "sde" in solver:
-            chosen["sde"] = v.check_choice(solver["sde"], "stochastic scheme", SCHEMES)
-    else:
-        raise TypeError(f"solver must be a name, a dict {{'ode': ..., 'sde': ...}} or None, got {type(solver).__name__}")
     out = []
     for p in phases:
-        if not p.stochastic:
-            out.append(chosen["ode"] or DEFAULT_ODE_SOLVER)
-            continue
-        kernel = getattr(p.dynamics, "gaussian_kernel", False)
-        scheme = chosen["sde"] or ("tweedie" if kernel else "euler-maruyama")
-        if scheme != "euler-maruyama" and not kernel:
-            raise ValueError(
-                f"stochastic scheme {scheme!r} needs the model's reverse SDE; phase {p.name!r} of method "
-                f"{method!r} can only use 'euler-maruyama'"
-            )
-        out.append(scheme)
+        given = solver if solver is not None and (solver in SCHEMES) == p.stochastic else None
+        if p.stochastic:
+            out.append(check_scheme(given, p.dynamics, "solver"))
+        else:
+            out.append(given or DEFAULT_ODE_SOLVER)
     return out
 
 
@@ -177,7 +159,7 @@ def sample(
     x_T: Tensor | None = None,
     method: str = "pf-ode",
     steps: int | None = None,
-    solver: str | dict[str, str] | None = None,
+    solver: str | None = None,
     grid: str = "log_snr",
     track_logp: bool = True,
     generator: torch.Generator | None = None,
@@ -209,8 +191,8 @@ def sample(
             ``"midpoint"``, ``"rk4"``, adaptive ``"bosh3"`` / ``"dopri5"`` with
             ``rtol`` / ``atol``); stochastic phases a scheme of :mod:`diffdensity.sde`
             (``"tweedie"`` default for the reverse SDE, ``"ancestral"``,
-            ``"euler-maruyama"``, the only one for custom SDEs). Give a name (it applies
-            to the phases of its kind) or ``{"ode": ..., "sde": ...}``.
+            ``"euler-maruyama"``; each dynamics says which it supports). One name: it
+            applies to the phases of its kind, the others keep their default.
         grid: ``"log_snr"`` (uniform in logSNR), ``"uniform"`` or ``"karras"``.
         track_logp: carry the log-density (``False``: plain sampling, same ``x``).
         generator: the only source of randomness (latents, Brownian increments and,
