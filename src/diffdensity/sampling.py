@@ -222,36 +222,44 @@ def sample(
     if not isinstance(track_logp, bool):
         raise TypeError(f"track_logp must be a bool, got {type(track_logp).__name__}")
     v.check_generator(generator)
-    if callback is not None and not callable(callback):
-        raise TypeError("callback must be callable")
-    if prior_logp is not None and not callable(prior_logp):
-        raise TypeError("prior_logp must be callable as prior_logp(x_T) -> (B,)")
-    cond = v.check_kwargs(model_kwargs)
+    for value, what in ((callback, "callback(info)"), (prior_logp, "prior_logp(x_T) -> (B,)")):
+        if value is not None and not callable(value):
+            raise TypeError(f"{what.partition('(')[0]} must be callable as {what}")
     est = make_divergence(divergence, probes)
+    x_T = _latents(model, n, x_T, generator, dtype, device)
+    ctx = MethodContext(model, model.schedule, x_T, options, track_logp, est, v.check_kwargs(model_kwargs), NFE())
+    run = dict(method=method, steps=steps, grid=grid, solver=solver, generator=generator, callback=callback,
+               prior_logp=prior_logp, rtol=rtol, atol=atol, est=est)  # fmt: skip
+    return _run_plans(spec.build(ctx), ctx, _probe_generator(generator), run)
+
+
+def _latents(model: Model, n: Any, x_T: Tensor | None, generator, dtype, device) -> Tensor:
+    """The given latents (checked) or ``n`` drawn from the prior."""
     if x_T is not None:
         x_T = v.check_x(x_T, model, name="x_T")
         if n is not None and n != x_T.shape[0]:
             raise ValueError(f"n={n!r} disagrees with the batch of x_T ({x_T.shape[0]}); give one of them")
-    elif n is None:
+        return x_T
+    if n is None:
         raise ValueError("give the number of samples n or the latents x_T")
-    else:
-        x_T = _draw_latent(model, n, generator, dtype, device)
-    # Hutchinson probes get their own stream, seeded from the generator whether or not
-    # they are used, so that tracking never changes the samples.
-    probe_gen = None
-    if generator is not None:
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-        probe_gen = torch.Generator(device=generator.device).manual_seed(seed)
+    return _draw_latent(model, n, generator, dtype, device)
 
-    sched = model.schedule
-    nfe = NFE()
-    ctx = MethodContext(model, sched, x_T, options, track_logp, est, cond, nfe)
-    plan = spec.build(ctx)
+
+def _probe_generator(generator: torch.Generator | None) -> torch.Generator | None:
+    """Hutchinson probes get their own stream, seeded from ``generator`` whether or not they
+    are used, so that tracking never changes the samples."""
+    if generator is None:
+        return None
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    return torch.Generator(device=generator.device).manual_seed(seed)
+
+
+def _run_plans(plan: Plan, ctx: MethodContext, probe_gen: torch.Generator | None, run: dict[str, Any]) -> SampleResult:
+    """Run ``plan`` and the follow-up plans its ``then`` asks for; the last pass's result."""
     probe_seed = None if probe_gen is None else probe_gen.initial_seed()
     passes = 0
     while True:
-        result = _run_plan(plan, ctx, method=method, steps=steps, grid=grid, solver=solver, probe_gen=probe_gen,
-                           generator=generator, callback=callback, prior_logp=prior_logp, rtol=rtol, atol=atol, est=est)  # fmt: skip
+        result = _run_plan(plan, ctx, probe_gen=probe_gen, **run)
         passes += 1
         plan = plan.then(result) if plan.then is not None else None
         if plan is None:
