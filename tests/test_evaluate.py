@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import diffdensity as dd
-from diffdensity import evaluate as ev
+from diffdensity.cli import logp as logp_cli
+from diffdensity.cli import main as cli_main
 from diffdensity.scoring import keys as rng
 from diffdensity.scoring import score_dataset
 from diffdensity.scoring.probes import PerSampleHutchinson
@@ -316,7 +317,7 @@ def test_killed_process_resumes_without_loss(model, images, reference, tmp_path)
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffdensity")
-    ev.register(p.add_subparsers(dest="command", required=True))
+    logp_cli.register(p.add_subparsers(dest="command", required=True))
     return p
 
 
@@ -335,8 +336,7 @@ def test_cli_logp(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "broken.jpg" in err and "gray.png" in err and "2 failed" in err
 
-    args = _parser().parse_args([*argv, "--steps", "4"])
-    assert args.func(args) == 2  # other settings than the existing output
+    assert cli_main([*argv, "--steps", "4"]) == 2  # other settings than the existing output
     assert "--overwrite" in capsys.readouterr().err
 
     sub = _parser()._subparsers._group_actions[0].choices["logp"].format_help()

@@ -29,7 +29,7 @@ VERSION = "0.1.0"
 COMMANDS = {
     "demo": ("demo", "the main demonstration: guided samples, log-density paths, a table"),
     "sample": ("sample", "draw samples with any method, with their log-densities"),
-    "logp": (None, "log-density and bits/dim of image files (CSV; resumable; runs under torchrun)"),
+    "logp": ("logp", "log-density and bits/dim of image files (CSV; resumable; runs under torchrun)"),
     "align": ("align", "score-alignment report for prior latents"),
     "detail": ("detail", "log-density versus image detail (PNG size): correlations and a scatter plot"),
     "train": ("train", "train a bundled-model preset (resumable)"),
@@ -56,10 +56,6 @@ class Parser(argparse.ArgumentParser):
 
 def _register(sub, name: str) -> argparse.ArgumentParser:
     module, _ = COMMANDS[name]
-    if module is None:  # logp: still registered by the dataset scorer
-        from ..evaluate import register
-
-        return register(sub)
     return import_module(f".{module}", __name__).register(sub)
 
 
