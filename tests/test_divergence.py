@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 import diffdensity as dd
 from conftest import F64, gen, make_mixture
+from diffdensity import divergence
 from diffdensity.divergence import make_divergence, model_fn
 
 
@@ -68,11 +71,18 @@ def test_exact_equals_laplacian(rotate, mode, chunk_size):
     torch.testing.assert_close(fx, gmm.score(x, t), rtol=1e-13, atol=1e-13)
     expected_mode = "forward" if mode == "auto" else mode
     assert est.resolved_mode == expected_mode
-    # one Jacobian product per basis vector, per sample (probes are folded into the batch)
+    # one Jacobian product per basis vector, per sample
     assert (nfe.jvp, nfe.vjp, nfe.forward) == ((6, 0, 0) if expected_mode == "forward" else (0, 6, 0))
+    # from one primal (reverse: one graph for all chunks) or one per chunk (forward)
+    chunks = -(-6 // (chunk_size or 6))
+    assert est.primal_passes == (chunks if expected_mode == "forward" else 1)
 
 
-def test_exact_on_event_shaped_input_and_memory_bound():
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_exact_on_event_shaped_input_and_memory_bound(mode):
+    """Chunks of 5 basis vectors (max_elements = 5 B D): 3 chunks of products for D = 12.
+    Forward mode runs the network once per chunk (unbatched primal under vmap), reverse
+    mode once for all chunks (one graph, 3 batched backward passes)."""
     gmm = make_mixture(dd.VP(), 12, k=2, seed=2, event_shape=(3, 2, 2))
     t = torch.full((3,), 0.5, dtype=F64)
     x = gmm.sample_t(3, t, generator=gen(3))
@@ -82,10 +92,12 @@ def test_exact_on_event_shaped_input_and_memory_bound():
         sizes.append(z.shape[0])
         return gmm.score(z, t.repeat(z.shape[0] // 3))
 
-    # max_elements = 5 * B * D: chunks of 5 basis vectors, folded batches of 15
-    _, div = dd.Exact(max_elements=5 * 3 * 12)(fn, x)
+    nfe = dd.NFE()
+    est = dd.Exact(max_elements=5 * 3 * 12, mode=mode)
+    _, div = est(fn, x, nfe)
     torch.testing.assert_close(div, gmm.laplacian(x, t), rtol=1e-10, atol=1e-8)
-    assert sizes == [15, 15, 6]
+    assert sizes == ([3, 3, 3] if mode == "forward" else [3])
+    assert est.primal_passes == len(sizes) and (nfe.jvp + nfe.vjp) == 12
 
 
 def test_exact_matches_laplacian_at_d512():
@@ -118,7 +130,7 @@ def test_forward_ad_failure_falls_back_to_reverse():
     est = dd.Exact(chunk_size=6)
     est(model_fn(model, t), x)
     est(model_fn(model, t), x)
-    assert model.calls - calls == 3  # one failed jvp attempt, then one reverse pass per call
+    assert model.calls - calls == 4  # failed jvp attempts (under vmap, then folded), then one reverse pass per call
 
 
 def hutchinson_variance(jac: torch.Tensor, noise: str) -> torch.Tensor:
@@ -256,3 +268,114 @@ def test_make_divergence_and_options():
         dd.Hutchinson(1, noise="normal")
     with pytest.raises(ValueError, match="unknown resample 'never'"):
         dd.Hutchinson(1, resample="never")
+
+
+class CountingNet:
+    """The mixture's score as a model that counts its network calls and the rows they see."""
+
+    def __init__(self, gmm):
+        self.gmm, self.schedule = gmm, gmm.schedule
+        self.rows: list[int] = []
+
+    def score(self, x, t, **cond):
+        self.rows.append(x.shape[0])
+        return self.gmm.score(x, t)
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_probes_share_one_primal_evaluation(mode):
+    """P = 5 probes: the network runs once per evaluation, on the B rows of the batch, and the
+    products equal those of the folded batch (P * B rows) they replace."""
+    gmm, x, t = setup(dim=6, b=4, seed=40)
+    net = CountingNet(gmm)
+    est = dd.Hutchinson(5, mode=mode)
+    est.reset(gen(41))
+    nfe = dd.NFE()
+    fx, div = est(model_fn(net, t), x, nfe)
+    assert net.rows == [4] and est.primal_passes == 1
+    assert (nfe.forward, nfe.jvp, nfe.vjp) == ((0, 5, 0) if mode == "forward" else (0, 0, 5))
+    torch.testing.assert_close(fx, gmm.score(x, t), rtol=1e-13, atol=1e-13)
+    eps = est._eps
+    jac = score_jacobian(gmm, x, t)
+    quad = torch.einsum("pbi,bij,pbj->pb", eps, jac, eps)
+    torch.testing.assert_close(est.last_samples, quad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(div, quad.mean(0), rtol=1e-10, atol=1e-10)
+    # per_probe: the P estimates themselves
+    est.per_probe = True
+    _, samples = est(model_fn(net, t), x)
+    assert samples.shape == (5, 4) and torch.equal(samples, est.last_samples)
+
+
+class NoVmap(CountingNet):
+    """A network that refuses to run under vmap (like one with data-dependent Python control flow)."""
+
+    def score(self, x, t, **cond):
+        out = super().score(x, t)
+        if torch._C._functorch.is_batchedtensor(out) or torch._C._functorch.is_functorch_wrapped_tensor(out) and torch._C._functorch.maybe_get_level(out) > 1:
+            raise RuntimeError("no batching rule")
+        return out
+
+
+def test_forward_mode_without_vmap_folds_the_probes():
+    gmm, x, t = setup(dim=6, b=4, seed=42)
+    net = NoVmap(gmm)
+    est = dd.Hutchinson(3, mode="forward")
+    est.reset(gen(43))
+    _, div = est(model_fn(net, t), x)
+    ref = dd.Hutchinson(3, mode="reverse")
+    ref.reset(gen(43))
+    torch.testing.assert_close(div, ref(model_fn(gmm, t), x)[1], rtol=1e-10, atol=1e-10)
+    assert net.rows[-1] == 12 and est.primal_passes == 3  # folded: P * B rows, P primal evaluations
+
+
+class SlowTangents(CountingNet):
+    """Forward-mode products take at least ``delay`` seconds (a sleep when tangents flow)."""
+
+    def __init__(self, gmm, delay):
+        super().__init__(gmm)
+        self.delay = delay
+
+    def score(self, x, t, **cond):
+        if torch._C._functorch.is_batchedtensor(x) or torch._C._functorch.is_functorch_wrapped_tensor(x):
+            time.sleep(self.delay)
+        return super().score(x, t)
+
+
+def test_auto_mode_is_measured_and_cached_per_signature():
+    gmm, x, t = setup(dim=6, b=4, seed=44)
+    net = SlowTangents(gmm, divergence.AUTO_MIN_SECONDS + 0.05)
+    est = dd.Hutchinson(2)
+    est.reset(gen(45))
+    nfe = dd.NFE()
+    est(model_fn(net, t), x, nfe)
+    # forward was slow twice, reverse timed twice and chosen; all passes counted
+    assert est.resolved_mode == "reverse" and set(est.mode_timings) == {"forward", "reverse"}
+    assert est.mode_timings["forward"] > divergence.AUTO_MIN_SECONDS > est.mode_timings["reverse"]
+    assert (nfe.jvp, nfe.vjp) == (4, 4)
+    calls = len(net.rows)
+    est(model_fn(net, t), x, nfe)  # cached for this model, device, dtype, shape: no new measurement
+    assert len(net.rows) == calls + 1 and nfe.vjp == 6
+    est(model_fn(net, t[:2]), x[:2], nfe)  # another shape: measured again
+    assert len(net.rows) > calls + 2
+    # a fast field keeps forward mode without timing reverse mode
+    fast = dd.Hutchinson(2)
+    fast.reset(gen(46))
+    nfe = dd.NFE()
+    fast(model_fn(gmm, t), x, nfe)
+    assert fast.resolved_mode == "forward" and "reverse" not in fast.mode_timings and nfe.vjp == 0
+
+
+class NaNNet(CountingNet):
+    def score(self, x, t, **cond):
+        out = super().score(x, t).clone()
+        out[2] = float("nan")
+        return out
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_network_nan_is_named_not_blamed_on_steps(mode):
+    gmm, x, t = setup(dim=6, b=4, seed=47)
+    for est in (dd.Hutchinson(2, mode=mode), dd.Exact(mode=mode)):
+        est.reset(gen(48))
+        with pytest.raises(FloatingPointError, match=r"network output is NaN or Inf at t=0.6 for 1 of 4 samples \(indices 2\).*more steps will not help"):
+            est(model_fn(NaNNet(gmm), t), x)

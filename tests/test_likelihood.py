@@ -55,7 +55,7 @@ def test_exact_divergence_every_schedule_d2(name):
     gmm = make_mixture(sched, 2, k=3, seed=0)
     x = gmm.sample(8, generator=gen(1))
     tol = 1e-5
-    r = dd.log_likelihood(gmm, x, solver="dopri5", divergence="exact", prior_logp=exact_prior(gmm), rtol=tol, atol=tol)
+    r = dd.log_likelihood(gmm, x, solver="dopri5", divergence=dd.Exact(mode="forward"), prior_logp=exact_prior(gmm), rtol=tol, atol=tol)
     exact = gmm.log_prob(x, sched.t_min)
     err = (r.logp - exact).abs().max().item()
     assert err < dopri5_tolerance(r, tol), (err, dopri5_tolerance(r, tol))
@@ -115,7 +115,7 @@ def hutchinson_vs_closed_form(gmm, x, *, steps: int, probes: int, noise: str, se
     does not depend on the divergence, so their difference is pure zero-mean estimator noise."""
     model = _Recorder(gmm)
     ref = dd.log_likelihood(model, x, steps=steps, divergence=ClosedFormDivergence(model), prior_logp=exact_prior(gmm))
-    est = dd.Hutchinson(probes, noise=noise)
+    est = dd.Hutchinson(probes, noise=noise, mode="forward")
     hut = dd.log_likelihood(gmm, x, steps=steps, divergence=est, generator=gen(seed), prior_logp=exact_prior(gmm))
     torch.testing.assert_close(hut.x_T, ref.x_T, rtol=0, atol=0)
     assert (hut.nfe.forward, hut.nfe.jvp, hut.nfe.vjp) == (0, 2 * steps * probes, 0)  # 2 Heun stages per step
@@ -233,6 +233,6 @@ def test_hutchinson_every_schedule_d2(name):
     x = gmm.sample(8, generator=gen(24)).repeat(2, 1)
     ref, hut = hutchinson_vs_closed_form(gmm, x, steps=16, probes=1, noise="rademacher", seed=25)
     # same seed, same estimate; another seed, another one
-    again = dd.log_likelihood(gmm, x, steps=16, generator=gen(25), prior_logp=exact_prior(gmm))
-    other = dd.log_likelihood(gmm, x, steps=16, generator=gen(26), prior_logp=exact_prior(gmm))
+    again = dd.log_likelihood(gmm, x, steps=16, divergence=dd.Hutchinson(1), generator=gen(25), prior_logp=exact_prior(gmm))
+    other = dd.log_likelihood(gmm, x, steps=16, divergence=dd.Hutchinson(1), generator=gen(26), prior_logp=exact_prior(gmm))
     assert torch.equal(again.logp, hut.logp) and not torch.equal(other.logp, hut.logp)

@@ -212,7 +212,30 @@ def test_solver_errors():
         odeint(ExactPFODE(gmm), x, torch.tensor([0.2, 0.2001, 0.9], dtype=F64), method="dopri5", rtol=1e-10, atol=1e-10, max_steps=3)
 
     def blows_up(t, x):
-        return torch.full_like(x, math.nan), None
+        u = gmm.score(x, t.expand(x.shape[0]))
+        u[1] = math.nan
+        return u, None
 
-    with pytest.raises(FloatingPointError, match="non-finite"):
+    # a NaN from the dynamics names the time, the sample and the culprit (not the step size)
+    with pytest.raises(FloatingPointError, match=r"dx/dt is NaN or Inf at t=0.2 for 1 of 2 samples \(indices 1\).*more steps will not help"):
         odeint(blows_up, x, ts, method="bosh3")
+
+    def nan_rate(t, x):
+        r = torch.zeros(x.shape[0], dtype=F64)
+        r[0] = math.inf if float(t) > 0.3 else 0.0
+        return -x, r
+
+    with pytest.raises(FloatingPointError, match=r"log-density rate is NaN or Inf at t=0.4 for 1 of 2 samples \(indices 0\)"):
+        odeint(nan_rate, x, ts, logp=torch.zeros(2, dtype=F64))
+
+    def explodes(t, x):  # finite rates, but the state overflows
+        return torch.full_like(x, 1e308), None
+
+    with pytest.raises(FloatingPointError, match=r"the state x is NaN or Inf at t=0.3 for 2 of 2 samples.*take more steps"):
+        odeint(explodes, torch.full_like(x, 1.7e308), ts, method="euler")
+    for name in ("rtol", "atol"):
+        for value in (math.nan, 0.0, -1e-3, math.inf):
+            with pytest.raises(ValueError, match=f"{name} must be a finite positive number"):
+                odeint(ExactPFODE(gmm), x, ts, method="dopri5", **{name: value})
+    with pytest.raises(ValueError, match="unknown control 'logp'"):
+        odeint(ExactPFODE(gmm), x, ts, control="logp")

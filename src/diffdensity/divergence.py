@@ -1,20 +1,35 @@
-"""Divergence of a batched vector field, ``div F(x) = tr J_F(x)`` (MATH.md s.6).
+"""Divergence of a batched vector field, ``div F(x) = tr J_F(x)`` (docs/math.md s.6).
 
-``F`` maps ``(N, *event_shape) -> (N, *event_shape)`` sample by sample. Probes are
-folded into the batch (``N = P * B``), so any network that runs on a batch runs here,
-without ``vmap``. Jacobian products use forward mode (``torch.func.jvp``) where the
-network supports it and fall back to reverse mode (``torch.autograd.grad``)
-automatically: many real networks (group norm, fused attention) fail under forward AD.
+``F`` maps ``(B, *event_shape) -> (B, *event_shape)`` sample by sample. The estimators
+take ``P`` Jacobian products ``e_p^T J`` (reverse mode) or ``J e_p`` (forward mode) from
+**one primal evaluation** of the network:
+
+* reverse: one forward pass that records the graph, then the ``P`` vector-Jacobian
+  products from it (``torch.autograd.grad(..., is_grads_batched=True)``, or one backward
+  pass per probe on the retained graph where batched gradients are not supported);
+* forward: ``torch.func.jvp`` under ``torch.func.vmap`` over the tangents (the primal is
+  computed once, unbatched); where the network cannot run under ``vmap``, the probes
+  are folded into the batch (``P * B`` rows, ``P`` primal evaluations).
+
+``mode="auto"`` chooses between the two by measurement (:meth:`DivergenceEstimator.choose_mode`).
 
 * :class:`Exact` -- ``sum_i e_i^T J e_i`` over the D basis vectors, chunked so memory
-  is bounded by ``chunk_size * B * D`` elements.
+  is bounded by ``chunk_size * B * D`` elements; in reverse mode all chunks share one
+  primal.
 * :class:`Hutchinson` -- ``mean_p e_p^T J e_p`` with Rademacher or Gaussian probes;
   unbiased, variance ``2 sum_{i != j} J_ij^2`` (Rademacher) per probe.
+
+NFE: ``nfe.jvp`` / ``nfe.vjp`` count product passes per sample (``P`` per evaluation;
+the primal is part of them and not counted in ``nfe.forward``). ``primal_passes`` on
+the estimator counts the primal evaluations per sample that actually ran (1 per
+evaluation when shared, ``P`` when folded).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import time
 from typing import Any, Callable
 
 import torch
@@ -26,6 +41,15 @@ __all__ = ["DivergenceEstimator", "Exact", "Hutchinson", "make_divergence", "mod
 
 Field = Callable[[Tensor], Tensor]
 _MODES = ("auto", "forward", "reverse")
+_AD_ERRORS = (RuntimeError, NotImplementedError, ValueError)
+
+#: ``mode="auto"`` keeps forward mode without measuring reverse mode when one forward
+#: product takes less than this (seconds): for such cheap fields (small analytic
+#: models, tiny networks) a whole solve takes seconds either way, and timings of a few
+#: milliseconds on a loaded CPU would make the choice arbitrary from run to run.
+AUTO_MIN_SECONDS = 0.25
+#: reverse mode is chosen when it is faster than forward mode by at least this factor.
+AUTO_MARGIN = 1.1
 
 
 def _repeat_batch(value: Any, reps: int, batch: int) -> Any:
@@ -35,24 +59,49 @@ def _repeat_batch(value: Any, reps: int, batch: int) -> Any:
 
 
 def model_fn(model: Model, t: Tensor, cond: dict[str, Any] | None = None) -> Field:
-    """The score at fixed ``t`` ``(B,)`` as a field on batches of ``P * B`` (t, cond repeated)."""
+    """The score at fixed ``t`` ``(B,)`` as a field on batches of ``B`` (or ``P * B``: t, cond repeated)."""
     cond = cond or {}
     batch = t.shape[0]
 
     def fn(x: Tensor) -> Tensor:
         reps = x.shape[0] // batch
+        if reps == 1:
+            return model.score(x, t, **cond)
         return model.score(x, t.repeat(reps), **{k: _repeat_batch(v, reps, batch) for k, v in cond.items()})
 
     fn.t = t  # type: ignore[attr-defined]  (lets model-aware estimators see the time)
+    fn.model = model  # type: ignore[attr-defined]  (the key of the AD-mode choice)
     return fn
+
+
+def _where(fn: Field) -> str:
+    t = getattr(fn, "t", None)
+    return f" at t={float(t.flatten()[0]):.6g}" if isinstance(t, Tensor) and t.numel() else ""
+
+
+def check_finite(value: Tensor, what: str, fn: Field | None = None, hint: str = "") -> None:
+    """Raise ``FloatingPointError`` naming the samples (first dimension) where ``value`` is not finite."""
+    bad = ~torch.isfinite(value.detach()).reshape(value.shape[0], -1).all(1)
+    if bool(bad.any()):
+        idx = bad.nonzero().flatten().tolist()
+        shown = ", ".join(map(str, idx[:8])) + (", ..." if len(idx) > 8 else "")
+        where = _where(fn) if fn is not None else ""
+        raise FloatingPointError(f"{what} is NaN or Inf{where} for {len(idx)} of {value.shape[0]} samples (indices {shown}){hint}")
+
+
+_NET_HINT = "; the network itself returned it (check the model, its weights and dtype, and the inputs), more steps will not help"
 
 
 class DivergenceEstimator:
     """Base class: ``est(fn, x, nfe=None) -> (fn(x), div)`` with ``div`` float64 ``(B,)``.
 
-    ``mode`` selects forward-mode (``"forward"``), reverse-mode (``"reverse"``) or
-    forward with a reverse fallback (``"auto"``); after the first call
-    ``resolved_mode`` says which one ran.
+    ``mode``: ``"forward"``, ``"reverse"`` or ``"auto"`` (measured, see
+    :meth:`choose_mode`). After a call ``resolved_mode`` says which one ran and
+    ``last_samples`` holds the per-probe estimates ``(P, B)`` float64 of that call
+    (their mean is ``div``; ``None`` for estimators without probes). With
+    ``per_probe=True`` the call returns these per-probe estimates instead of their
+    mean, so that a dynamics whose rate is linear in ``div`` returns per-probe rates
+    ``(P, B)`` from which the solver estimates the variance of the log-density.
     """
 
     def __init__(self, mode: str = "auto"):
@@ -60,51 +109,144 @@ class DivergenceEstimator:
             raise ValueError(f"unknown mode {mode!r}; expected one of {_MODES}")
         self.mode = mode
         self.resolved_mode: str | None = None if mode == "auto" else mode
+        self.per_probe = False
+        self.last_samples: Tensor | None = None
+        self.primal_passes = 0
+        self.mode_timings: dict[str, float] = {}
+        self._mode_cache: dict[tuple, str] = {}
+        self._folded: set[str] = set()  # modes whose shared-primal form failed on this estimator
 
     def reset(self, generator: torch.Generator | None = None) -> None:
         """Start of a solve."""
 
     def begin_step(self) -> None:
-        """Start of a solver step (all stages of one step share probes)."""
+        """Start of a solver step (all stages of one step share probes under ``resample="step"``)."""
 
     def __call__(self, fn: Field, x: Tensor, nfe: NFE | None = None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    # -- Jacobian products on folded probes ------------------------------------------
-    def _products(self, fn: Field, x: Tensor, v: Tensor, nfe: NFE | None) -> tuple[Tensor, Tensor]:
-        """``(fn(x), v_p^T J)`` or ``(fn(x), J v_p)`` for probes ``v`` of shape ``(P, *x.shape)``.
+    # -- the AD mode ---------------------------------------------------------------------
+    @staticmethod
+    def signature(fn: Field, x: Tensor, probes: int) -> tuple:
+        """The key of the mode choice: model identity, device, dtype, shape and probe count."""
+        owner = getattr(fn, "model", None)
+        owner = owner if owner is not None else getattr(fn, "__code__", type(fn))
+        return (id(owner), str(x.device), x.dtype, tuple(x.shape), probes)
 
-        The returned products are only meant for ``e^T J e`` style contractions
-        (identical for ``J`` and ``J^T``).
+    def choose_mode(self, fn: Field, x: Tensor, v: Tensor, nfe: NFE | None) -> tuple[Tensor, Tensor, Callable]:
+        """Measure and cache the faster AD mode for this signature; returns the products.
+
+        Forward mode is tried first (twice if the first run, which carries one-off
+        costs, is slow); it is kept if it fails to be slower than
+        :data:`AUTO_MIN_SECONDS`. Otherwise reverse mode is timed twice too and chosen
+        when its best time beats forward's by :data:`AUTO_MARGIN`; if forward mode
+        fails, reverse mode is used. Every product run here is counted in ``nfe``.
         """
-        p = v.shape[0]
-        xr = x.repeat(p, *([1] * (x.ndim - 1)))
-        vr = v.reshape(p * x.shape[0], *x.shape[1:]).to(x.dtype)
-        if self.resolved_mode in (None, "forward"):
+        times: dict[str, float] = {}
+        outs: dict[str, tuple[Tensor, Tensor, Callable]] = {}
+        errors: dict[str, BaseException] = {}
+
+        def attempt(mode: str) -> None:
+            start = time.perf_counter()
             try:
-                fx, jv = torch.func.jvp(fn, (xr,), (vr,))
-                self.resolved_mode = "forward"
-                if nfe is not None:
-                    nfe.jvp += p
-                return fx[: x.shape[0]], jv.reshape(v.shape)
-            except (RuntimeError, NotImplementedError):
-                if self.mode == "forward":
-                    raise
-                self.resolved_mode = "reverse"
-        with torch.enable_grad():
-            xr = xr.detach().requires_grad_(True)
-            fx = fn(xr)
-            (vj,) = torch.autograd.grad(fx, xr, vr)
+                outs[mode] = self._run(mode, fn, x, v, nfe)
+            except _AD_ERRORS as e:
+                errors[mode] = e
+                return
+            times[mode] = min(times.get(mode, math.inf), time.perf_counter() - start)
+
+        attempt("forward")
+        if "forward" in times and times["forward"] >= AUTO_MIN_SECONDS:
+            attempt("forward")
+        if times.get("forward", math.inf) >= AUTO_MIN_SECONDS:
+            attempt("reverse")
+            if "forward" in times and "reverse" in times:
+                attempt("reverse")
+        if not times:
+            raise errors["reverse"] from errors.get("forward")
+        best = min(times, key=lambda m: times[m] * (AUTO_MARGIN if m == "reverse" else 1.0))
+        self._mode_cache[self.signature(fn, x, v.shape[0])] = best
+        self.mode_timings = dict(times)
+        self.resolved_mode = best
+        return outs[best]
+
+    def _products(self, fn: Field, x: Tensor, v: Tensor, nfe: NFE | None) -> tuple[Tensor, Tensor, Callable]:
+        """``(fn(x), v_p^T J or J v_p, more)`` for probes ``v`` of shape ``(P, *x.shape)``.
+
+        The products are only meant for ``e^T J e`` style contractions (identical for
+        ``J`` and ``J^T``). ``more(v')`` gives ``(fn(x), products)`` for further probes
+        from the same linearisation (in reverse mode, without running the network again).
+        """
+        mode = self.mode if self.mode != "auto" else self._mode_cache.get(self.signature(fn, x, v.shape[0]))
+        if mode is None:
+            return self.choose_mode(fn, x, v, nfe)
+        self.resolved_mode = mode
+        return self._run(mode, fn, x, v, nfe)
+
+    def _run(self, mode: str, fn: Field, x: Tensor, v: Tensor, nfe: NFE | None) -> tuple[Tensor, Tensor, Callable]:
+        products = self._linearize(mode, fn, x)
+        fx, out = products(v)
+        self._count(mode, v.shape[0], nfe)
+        check_finite(fx, "the network output", fn, _NET_HINT)
+        return fx, out, products
+
+    def _count(self, mode: str, p: int, nfe: NFE | None) -> None:
         if nfe is not None:
-            nfe.vjp += p
-        return fx[: x.shape[0]].detach(), vj.reshape(v.shape)
+            if mode == "forward":
+                nfe.jvp += p
+            else:
+                nfe.vjp += p
+
+    def _linearize(self, mode: str, fn: Field, x: Tensor) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+        """``products(v) -> (fn(x), products)`` for ``v`` of shape ``(P, *x.shape)``.
+
+        Reverse mode evaluates the network here, once, and keeps the graph; forward mode
+        evaluates it on each call of ``products`` (once under ``vmap``, ``P`` times when
+        the probes have to be folded into the batch).
+        """
+        if mode == "reverse":
+            return self._reverse(fn, x)
+
+        def products(v: Tensor) -> tuple[Tensor, Tensor]:
+            v = v.to(x.dtype)
+            if "forward" not in self._folded:
+                try:
+                    fx, jv = torch.func.vmap(lambda u: torch.func.jvp(fn, (x,), (u,)), out_dims=(None, 0))(v)
+                    self.primal_passes += 1
+                    return fx, jv
+                except _AD_ERRORS:
+                    self._folded.add("forward")
+            p = v.shape[0]
+            xr = x.repeat(p, *([1] * (x.ndim - 1)))
+            fx, jv = torch.func.jvp(fn, (xr,), (v.reshape(p * x.shape[0], *x.shape[1:]),))
+            self.primal_passes += p
+            return fx[: x.shape[0]], jv.reshape(v.shape)
+
+        return products
+
+    def _reverse(self, fn: Field, x: Tensor) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            fx = fn(xg)
+        self.primal_passes += 1
+
+        def products(v: Tensor) -> tuple[Tensor, Tensor]:
+            v = v.to(fx.dtype)
+            if v.shape[0] > 1 and "reverse" not in self._folded:
+                try:
+                    return fx.detach(), torch.autograd.grad(fx, xg, v, retain_graph=True, is_grads_batched=True)[0]
+                except _AD_ERRORS:
+                    self._folded.add("reverse")
+            return fx.detach(), torch.stack([torch.autograd.grad(fx, xg, vp, retain_graph=True)[0] for vp in v])
+
+        return products
 
 
 class Exact(DivergenceEstimator):
     """Exact divergence from D Jacobian products, ``chunk_size`` basis vectors at a time.
 
     ``chunk_size=None`` picks the largest chunk with at most ``max_elements`` elements
-    in a folded batch (default 2^20, i.e. 8 MiB per float64 tensor).
+    in the products of one chunk (default 2^20, i.e. 8 MiB per float64 tensor).
     """
 
     def __init__(self, *, chunk_size: int | None = None, max_elements: int = 2**20, mode: str = "auto"):
@@ -116,18 +258,29 @@ class Exact(DivergenceEstimator):
     def __repr__(self) -> str:
         return f"Exact(chunk_size={self.chunk_size}, mode={self.mode!r})"
 
+    def _basis(self, x: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        b, dim = x.shape[0], math.prod(x.shape[1:])
+        idx = torch.arange(start, stop, device=x.device)
+        v = torch.zeros(len(idx), b, dim, dtype=x.dtype, device=x.device)
+        v[torch.arange(len(idx)), :, idx] = 1
+        return idx, v.reshape(len(idx), *x.shape)
+
     def __call__(self, fn: Field, x: Tensor, nfe: NFE | None = None) -> tuple[Tensor, Tensor]:
         b, dim = x.shape[0], math.prod(x.shape[1:])
         chunk = self.chunk_size or max(1, self.max_elements // (b * dim))
         div = torch.zeros(b, dtype=torch.float64, device=x.device)
-        fx = None
+        fx, products = None, None
         for start in range(0, dim, chunk):
-            idx = torch.arange(start, min(start + chunk, dim), device=x.device)
-            v = torch.zeros(len(idx), b, dim, dtype=x.dtype, device=x.device)
-            v[torch.arange(len(idx)), :, idx] = 1
-            fx, jv = self._products(fn, x, v.reshape(len(idx), *x.shape), nfe)
+            idx, v = self._basis(x, start, min(start + chunk, dim))
+            if products is None:  # the first chunk resolves the mode; the others reuse its linearisation
+                fx, jv, products = self._products(fn, x, v, nfe)
+            else:
+                jv = products(v)[1]
+                self._count(self.resolved_mode, len(idx), nfe)
             jv = jv.reshape(len(idx), b, dim)
             div += jv[torch.arange(len(idx)), :, idx].to(torch.float64).sum(0)
+        check_finite(div, "the exact divergence", fn, _NET_HINT)
+        self.last_samples = None
         return fx, div
 
 
@@ -135,20 +288,21 @@ class Hutchinson(DivergenceEstimator):
     """Hutchinson's estimator ``mean_p e_p^T J e_p`` with ``probes`` probes.
 
     ``noise``: ``"rademacher"`` (entries +-1, lowest variance) or ``"gaussian"``.
-    ``resample``: fresh probes every solver ``"step"`` (default; the variance of the
-    accumulated log-density then shrinks with the step size), one set for the whole
-    ``"solve"`` (the classic FFJORD choice), or fresh on every ``"call"``.
+    ``resample``: fresh probes every solver ``"step"`` (the stages of a step share
+    them), one set for the whole ``"solve"`` (the classic FFJORD choice), or fresh on
+    every ``"call"`` (every stage: independent terms, the lowest variance of the
+    integral). All ``probes`` products of a call come from one primal evaluation.
     """
 
     def __init__(self, probes: int = 1, *, noise: str = "rademacher", resample: str = "step", mode: str = "auto"):
         super().__init__(mode)
-        if not isinstance(probes, int) or probes < 1:
+        if isinstance(probes, bool) or not isinstance(probes, numbers.Integral) or probes < 1:
             raise ValueError(f"probes must be a positive integer, got {probes!r}")
         if noise not in ("rademacher", "gaussian"):
             raise ValueError(f"unknown noise {noise!r}; expected 'rademacher' or 'gaussian'")
         if resample not in ("step", "solve", "call"):
             raise ValueError(f"unknown resample {resample!r}; expected 'step', 'solve' or 'call'")
-        self.probes, self.noise, self.resample = probes, noise, resample
+        self.probes, self.noise, self.resample = int(probes), noise, resample
         self._generator: torch.Generator | None = None
         self._eps: Tensor | None = None
 
@@ -177,9 +331,11 @@ class Hutchinson(DivergenceEstimator):
         if self._eps is None or self._eps.shape[1:] != x.shape or self.resample == "call":
             self._eps = self.draw(x)
         eps = self._eps
-        fx, jv = self._products(fn, x, eps, nfe)
+        fx, jv, _ = self._products(fn, x, eps, nfe)
         quad = (eps * jv).reshape(self.probes, x.shape[0], -1).to(torch.float64).sum(-1)
-        return fx, quad.mean(0)
+        check_finite(quad, "a Jacobian product", fn, _NET_HINT)
+        self.last_samples = quad
+        return fx, (quad if self.per_probe else quad.mean(0))
 
 
 def make_divergence(divergence: str | DivergenceEstimator, probes: int = 1) -> DivergenceEstimator:
