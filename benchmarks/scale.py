@@ -45,13 +45,13 @@ import torch
 
 
 def make_model(device: str):
-    from diffdensity.pretrained import load_pretrained
+    from diffdensity.bundled.pretrained import load_pretrained
 
     try:
         return load_pretrained("patches16", device=device), "builtin:patches16"
     except (ValueError, FileNotFoundError, ImportError):
         from diffdensity.models import ScoreModel
-        from diffdensity.nets import UNet
+        from diffdensity.bundled.nets import UNet
         from diffdensity.schedules import VP
 
         torch.manual_seed(0)

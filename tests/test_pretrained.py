@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import diffdensity as dd
-from diffdensity import pretrained
-from diffdensity.pretrained import available, load_pretrained, weights_dir
+from diffdensity.bundled import pretrained
+from diffdensity.bundled.pretrained import available, load_pretrained, weights_dir
 
 
 def test_bundled_weights_exist_and_are_small():
@@ -111,7 +111,7 @@ def test_missing_or_wrong_files(tmp_path):
 # -- data -----------------------------------------------------------------------------
 def test_split_is_deterministic_and_disjoint(tmp_path, monkeypatch):
     pytest.importorskip("skimage")
-    from diffdensity import data
+    from diffdensity.bundled import data
 
     monkeypatch.setenv("DIFFDENSITY_CACHE", str(tmp_path))
     a = data._crop(data._downscale(data.load_images(("chelsea",))["chelsea"], 2), "train", 4)
@@ -131,7 +131,7 @@ def test_split_is_deterministic_and_disjoint(tmp_path, monkeypatch):
 
 def test_patch_tensors_are_cached_and_valid(tmp_path, monkeypatch):
     pytest.importorskip("skimage")
-    from diffdensity import data
+    from diffdensity.bundled import data
 
     monkeypatch.setenv("DIFFDENSITY_CACHE", str(tmp_path))
     monkeypatch.setattr(data, "IMAGES", {"chelsea": "CC0"})

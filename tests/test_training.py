@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from diffdensity.nets import UNet, UNetConfig
-from diffdensity.pretrained import load_pretrained
-from diffdensity.training import PRESETS, _batch, train
+from diffdensity.bundled.nets import UNet, UNetConfig
+from diffdensity.bundled.pretrained import load_pretrained
+from diffdensity.bundled.training import PRESETS, _batch, train
 
 
 def _handful(n: int = 32) -> torch.Tensor:

@@ -31,9 +31,10 @@ import numpy as np
 import torch
 
 import diffdensity as dd
-from diffdensity.data import patches
+from diffdensity.bundled.data import patches
+from diffdensity.bundled.pretrained import load_pretrained
 from diffdensity.dynamics import PFODE
-from diffdensity.pretrained import load_pretrained
+from diffdensity.likelihood import dequantize
 from diffdensity.solvers import odeint
 
 BIN = 2 / 256
@@ -41,12 +42,12 @@ BIN = 2 / 256
 
 def gaussian_baseline(train_u: torch.Tensor, test_u: torch.Tensor) -> torch.Tensor:
     """Exact bits/dim per held-out patch of the full-covariance Gaussian fitted to the training patches."""
-    c_train = (2 * (train_u.reshape(train_u.shape[0], -1).double() + 0.5) / 256) - 1
+    c_train = dequantize(train_u.reshape(train_u.shape[0], -1).double())
     dim = c_train.shape[1]
     mu = c_train.mean(0)
     cov = torch.cov(c_train.T) + (BIN**2 / 12) * torch.eye(dim, dtype=torch.float64)
     chol = torch.linalg.cholesky(cov)
-    c = (2 * (test_u.reshape(test_u.shape[0], -1).double() + 0.5) / 256) - 1
+    c = dequantize(test_u.reshape(test_u.shape[0], -1).double())
     z = torch.linalg.solve_triangular(chol, (c - mu).T, upper=False)
     maha = z.square().sum(0)
     inv = torch.cholesky_inverse(chol)
@@ -177,7 +178,7 @@ def main() -> None:
         x = pf_ode_samples(model, args.samples, args.sample_steps, args.seed)
         grid_image(x, out / "samples_patches16.png")
         real = test_u[torch.randperm(test_u.shape[0], generator=torch.Generator().manual_seed(args.seed + 1))[: args.samples]]
-        grid_image(2 * (real.float() + 0.5) / 256 - 1, out / "real_patches16.png")
+        grid_image(dequantize(real.float()), out / "real_patches16.png")
         summary["figures"] = [str(out / "samples_patches16.png"), str(out / "real_patches16.png")]
     text = json.dumps(summary, indent=2)
     print(text)

@@ -54,7 +54,7 @@ def load_model(spec: str, *, device: torch.device | str | None = None):
     """
     kind, _, arg = spec.partition(":")
     if kind == "builtin":
-        from .pretrained import load_pretrained
+        from .bundled.pretrained import load_pretrained
 
         return load_pretrained(arg or "patches16", device=device)
     if kind == "diffusers":

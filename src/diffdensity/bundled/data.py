@@ -51,6 +51,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..likelihood import dequantize
+
 __all__ = ["IMAGES", "PATCH_SIZE", "cache_dir", "load_images", "patches", "to_model_space", "split_mask"]
 
 IMAGES: dict[str, str] = {
@@ -185,4 +187,4 @@ def patches(split: str = "train", *, cache: bool = True) -> Tensor:
 def to_model_space(u: Tensor, *, noise: Tensor | None = None) -> Tensor:
     """8-bit values ``u`` -> ``[-1, 1]``: ``2 (u + noise) / 256 - 1`` (``noise`` default 0.5, the bin centre)."""
     u = u.to(torch.float32)
-    return 2 * (u + (0.5 if noise is None else noise)) / 256 - 1
+    return dequantize(u, 0.5 if noise is None else noise)

@@ -6,7 +6,7 @@ with ``matmul`` + ``softmax`` (no fused kernels), so forward-mode
 through it -- the library takes Jacobian-vector products of the score.
 
 The network's output has the shape of its input; the bundled model is trained to
-predict ``v = alpha eps - sigma x0`` of a VP process (see :mod:`diffdensity.training`).
+predict ``v = alpha eps - sigma x0`` of a VP process (see :mod:`diffdensity.bundled.training`).
 It receives the schedule's time ``t`` (``(B,)``) and converts it to the logSNR
 ``lambda = lmax + (lmin - lmax) t`` of :class:`diffdensity.VP`; ``lambda`` drives a Fourier embedding and the input is
 scaled by ``c_in = 1 / sqrt(alpha^2 sd^2 + sigma^2)`` so it has about unit variance at
