@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,6 +29,12 @@ __all__ = [
     "setup",
     "latents",
     "warn",
+    "output_folder",
+    "remove_stale",
+    "settings_of",
+    "nfe_columns",
+    "nfe_dict",
+    "write_table",
     "write_csv",
     "write_summary",
 ]
@@ -151,12 +158,24 @@ def setup(args: argparse.Namespace):
 
 
 def latents(model, shape: Sequence[int], n: int, seed: int, device):
-    """``(n, *shape)`` prior latents from a generator seeded with ``seed`` (float64 for exact mixtures)."""
+    """``(n, *shape)`` prior latents in the model's dtype, on ``device``.
+
+    Latent ``i`` is drawn on the CPU from its own generator, seeded by ``(seed, i)``:
+    the same on any device, and independent of ``n`` (``-n 2`` gives the first two
+    latents of ``-n 4``).
+    """
     import torch
 
-    g = torch.Generator().manual_seed(seed)
-    dtype = torch.float64 if hasattr(model, "log_prob") else torch.float32
-    return model.schedule.prior_sample((n, *shape), generator=g, dtype=dtype).to(device)
+    from ..models import placement
+
+    _, dtype = placement(model)
+    rows = [model.schedule.prior_sample((1, *shape), generator=generator(latent_seed(seed, i)), dtype=dtype) for i in range(n)]
+    return torch.cat(rows).to(device)
+
+
+def latent_seed(seed: int, i: int) -> int:
+    """The seed of latent ``i`` under ``--seed seed`` (a fixed mix of the two, in ``[0, 2^63)``)."""
+    return (seed * 0x9E3779B97F4A7C15 + (i + 1) * 0xBF58476D1CE4E5B9) % (2**63)
 
 
 def generator(seed: int):
@@ -175,26 +194,83 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-# -- result files ------------------------------------------------------------------------------
+# -- output folder and result files -------------------------------------------------------------
+
+NFE_HEADER = ["nfe_forward", "nfe_jvp", "nfe_vjp"]
+"""Per-sample network passes by kind (plain evaluations, Jacobian-vector and vector-Jacobian products)."""
+
+
+def nfe_columns(nfe) -> list[int]:
+    """``[forward, jvp, vjp]`` of an :class:`~diffdensity.models.NFE` (the columns of :data:`NFE_HEADER`)."""
+    return [int(nfe.forward), int(nfe.jvp), int(nfe.vjp)]
+
+
+def nfe_dict(nfe) -> dict[str, int]:
+    """The pass counts of an :class:`~diffdensity.models.NFE` as a JSON object."""
+    return dict(zip(("forward", "jvp", "vjp"), nfe_columns(nfe)))
+
+
+def output_folder(flag_value: str) -> Path:
+    """``--out`` as a folder that exists and is writable; anything else is a usage error naming ``--out``."""
+    out = Path(flag_value)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} is an existing file; give a folder (it is created if missing)", 2)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CliError(f"--out {out}: cannot create the folder ({e.strerror or e}); choose a writable folder", 2) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise CliError(f"--out {out} is not writable; choose a writable folder", 2)
+    return out
+
+
+def remove_stale(out: Path, pattern: str, keep: set[str]) -> int:
+    """Delete files in ``out`` matching ``pattern`` (a glob of this command's own outputs) not in ``keep``."""
+    gone = 0
+    for f in out.glob(pattern):
+        if f.name not in keep and f.is_file():
+            f.unlink()
+            gone += 1
+    return gone
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed options of a command as JSON-ready values (what produced the results)."""
+    return {k: (v if isinstance(v, (int, float, str, bool, list, type(None))) else str(v)) for k, v in vars(args).items() if k not in ("func", "debug")}
+
+
+def write_table(out: Path, stem: str, header: list[str], rows: list[list], summary: dict[str, Any]) -> tuple[Path, Path]:
+    """``out/stem.csv`` (the rows) and, beside it, ``out/stem.json`` (the summary, with the CSV's name and columns)."""
+    csv_path = write_csv(out / f"{stem}.csv", header, rows)
+    summary = {"csv": csv_path.name, "columns": header, "rows": len(rows), **summary}
+    return csv_path, write_summary(out / f"{stem}.json", summary)
 
 
 def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
-    """Write a CSV atomically (a temporary file renamed over ``path``)."""
+    """Write a CSV atomically (readers see the old file or the new one)."""
+    from .._files import atomic_write
+
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
     w.writerows(rows)
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
     return path
 
 
 def write_summary(path: Path, summary: dict[str, Any]) -> Path:
-    """Write a JSON summary (sorted keys, indented) atomically."""
-    _atomic_write(path, json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+    """Write a JSON summary (sorted keys, indented) atomically; non-finite numbers become null."""
+    from .._files import atomic_write
+
+    atomic_write(path, json.dumps(_finite(summary), indent=2, sort_keys=True, default=str) + "\n")
     return path
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

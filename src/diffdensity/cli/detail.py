@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
-from .common import CliError, HelpFormatter, add_model_options, generator, latents, positive_int, setup, write_csv
+from .common import CliError, HelpFormatter, add_model_options, generator, latents, output_folder, positive_int, settings_of, setup, write_table
 
 HELP = "log-density versus image detail (PNG size): correlations and a scatter plot"
 DESCRIPTION = """\
@@ -52,7 +51,7 @@ def _score_images(args, model, shape):
     if not arrays:
         raise CliError(f"--images: no readable {shape} images in {' '.join(args.images)}")
     u8 = torch.stack(arrays)
-    res = bits_per_dim(model, u8, draws=1, steps=args.steps, generator=generator(args.seed))
+    res = bits_per_dim(model, u8, steps=args.steps, generator=generator(args.seed))  # the API's dequantisation draws
     return names, u8, res.bpd
 
 
@@ -81,14 +80,21 @@ def run(args: argparse.Namespace) -> int:
     from .figures import correlations, plot_detail, png_size
 
     model, shape = setup(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(args.out)
     names, u8, bpd = (_score_images if args.images else _sample_quantiles)(args, model, shape)
     size = png_size(u8)
     pearson, spearman = correlations(bpd, size)
-    print(f"{len(size)} images: bits/dim vs PNG bytes: Pearson {pearson:+.3f}, Spearman {spearman:+.3f} "
-          f"(log-density vs PNG size: Pearson {-pearson:+.3f}, Spearman {-spearman:+.3f})")
-    write_csv(out / "detail.csv", ["image", "bits_per_dim", "png_bytes"], [[n, f"{float(b):.6f}", int(s)] for n, b, s in zip(names, bpd, size)])
+    if pearson != pearson:
+        print(f"{len(size)} image(s): correlations need at least 3 images with distinct values; none reported")
+    else:
+        print(f"{len(size)} images: log-density vs PNG size: Pearson {-pearson:+.3f}, Spearman {-spearman:+.3f} "
+              "(negative: more likely images carry less detail)")
+    header = ["image", "bits_per_dim", "png_bytes"]
+    rows = [[n, f"{float(b):.6f}", int(s)] for n, b, s in zip(names, bpd, size)]
+    finite = pearson == pearson
+    summary = {"command": "detail", "settings": settings_of(args), "images": len(rows),
+               "logp_vs_png_bytes": {"pearson": -pearson if finite else None, "spearman": -spearman if finite else None}}
+    csv_path, json_path = write_table(out, "detail", header, rows, summary)
     plot_detail(out / "detail.png", bpd, size, spearman)
-    print(f"wrote {out / 'detail.csv'} and {out / 'detail.png'}")
+    print(f"wrote {csv_path}, {json_path} and {out / 'detail.png'}")
     return 0

@@ -14,9 +14,10 @@ __all__ = ["Progress", "run_with_progress"]
 
 
 class Progress:
-    """A ``sample`` callback over ``steps`` solver steps, named ``desc``; call :meth:`close` at the end."""
+    """A ``sample`` callback over ``steps`` solver steps (``None``: not known in advance, an
+    adaptive solver), named ``desc``; call :meth:`close` at the end."""
 
-    def __init__(self, steps: int, desc: str, *, stream=None, tty: bool | None = None):
+    def __init__(self, steps: int | None, desc: str, *, stream=None, tty: bool | None = None):
         self.steps, self.desc = steps, desc
         self.stream = stream if stream is not None else sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
@@ -38,12 +39,14 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             return
-        print(f"{self.desc}: {self.done}/{self.steps} steps in {time.perf_counter() - self.t0:.1f} s", file=self.stream, flush=True)
+        of = "" if self.steps is None else f"/{self.steps}"
+        print(f"{self.desc}: {self.done}{of} steps in {time.perf_counter() - self.t0:.1f} s", file=self.stream, flush=True)
 
 
-def run_with_progress(draw, desc: str, steps: int, **kwargs):
-    """``draw(callback=..., steps=steps, **kwargs)`` with a :class:`Progress` around it."""
-    bar = Progress(steps, desc)
+def run_with_progress(draw, desc: str, steps: int, *, adaptive: bool = False, **kwargs):
+    """``draw(callback=..., steps=steps, **kwargs)`` with a :class:`Progress` around it
+    (``adaptive``: the solver chooses its own steps, so no total is shown)."""
+    bar = Progress(None if adaptive else steps, desc)
     try:
         return draw(callback=bar, steps=steps, **kwargs)
     finally:

@@ -6,7 +6,25 @@ import argparse
 import math
 from pathlib import Path
 
-from .common import CliError, HelpFormatter, add_model_options, finite_float, generator, latents, positive_int, quantile, setup, warn, write_csv
+from .common import (
+    NFE_HEADER,
+    CliError,
+    HelpFormatter,
+    add_model_options,
+    finite_float,
+    generator,
+    latents,
+    nfe_columns,
+    nfe_dict,
+    output_folder,
+    positive_int,
+    quantile,
+    remove_stale,
+    settings_of,
+    setup,
+    warn,
+    write_table,
+)
 
 HELP = "draw samples with any method, with their log-densities"
 DESCRIPTION = """\
@@ -15,7 +33,7 @@ log p_0(x) along its trajectory. Writes sample_NNNN.png (image models), grid.png
 samples.csv into --out.
 
 Method options: --q (density-guidance, stochastic-density-guidance, prior-guidance),
---target-logp (density-guidance), --log-snr-threshold (hd; default 2), --noise
+--target-logp (density-guidance), --log-snr-threshold (hd; default as in the API), --noise
 (stochastic-density-guidance). A flag that does not apply to the chosen method is an
 error. Options that take a function (density guidance's rate, the custom method) exist
 only in the Python API (diffdensity.sample).
@@ -26,15 +44,21 @@ examples:
   diffdensity sample -n 16 --method density-guidance --q 0.8
   diffdensity sample -n 16 --method hd --log-snr-threshold 2
 """
-HD_THRESHOLD = 2.0  # the default logSNR switch point of "hd" in the command line (and the demo)
 FLAGS = {"q": "--q", "log_snr_threshold": "--log-snr-threshold", "target_logp": "--target-logp", "noise": "--noise"}
 
 
 def method_names() -> list[str]:
     """The registered sampling methods the command line can run (all but ``custom``, which needs a function)."""
-    from ..sampling import METHODS
+    from ..methods import METHODS
 
     return [m for m in METHODS if m != "custom"]
+
+
+def hd_default() -> float:
+    """The API's default ``log_snr_threshold`` of ``"hd"``."""
+    from ..methods import METHODS
+
+    return METHODS["hd"].options["log_snr_threshold"].default
 
 
 def solver_names() -> list[str]:
@@ -53,7 +77,7 @@ def register(sub) -> argparse.ArgumentParser:
     s.add_argument("--steps", type=positive_int, default=None, help="solver steps (default: the method's, as in the Python API)")
     s.add_argument("--solver", choices=solver_names(), default=None, help="ODE solver or stochastic scheme (default: the method's)")
     s.add_argument("--q", type=quantile, default=None, help="quantile for density / prior guidance")
-    s.add_argument("--log-snr-threshold", type=finite_float, default=None, help=f"switch point of the high-density sampler (default for hd: {HD_THRESHOLD:g})")
+    s.add_argument("--log-snr-threshold", type=finite_float, default=None, help=f"logSNR switch point of the high-density sampler (default for hd: {hd_default()}, as in the API)")
     s.add_argument("--target-logp", type=finite_float, default=None, help="density guidance: wanted log p_0 in nats (instead of --q)")
     s.add_argument("--noise", choices=["early", "late"], default=None, help="noise window of stochastic density guidance")
     s.add_argument("--no-track", action="store_true", help="do not track the log-density")
@@ -65,12 +89,7 @@ def register(sub) -> argparse.ArgumentParser:
 
 def method_options(args: argparse.Namespace) -> dict:
     """The method's options from the flags; a flag the method does not take is a usage error."""
-    from ..sampling import METHODS
-
-    try:
-        from ..methods import REQUIRED
-    except ImportError:  # the registry still inside sampling
-        from ..sampling import REQUIRED
+    from ..methods import METHODS, REQUIRED
 
     spec = METHODS[args.method]
     opts = {}
@@ -82,50 +101,90 @@ def method_options(args: argparse.Namespace) -> dict:
             takers = [m for m in method_names() if name in METHODS[m].options]
             raise CliError(f"{flag} does not apply to --method {args.method}; it applies to {', '.join(takers)}", 2)
         opts[name] = value
-    if args.method == "hd" and "log_snr_threshold" not in opts:
-        opts["log_snr_threshold"] = HD_THRESHOLD
     for name, option in spec.options.items():
         if option.default is REQUIRED and name not in opts:
             raise CliError(f"--method {args.method} needs {FLAGS.get(name, name)}", 2)
     return opts
 
 
-def resolve_steps(args: argparse.Namespace) -> int:
-    """``--steps`` or the method's default; a warning where an adaptive solver only takes its first step from it."""
-    from ..sampling import METHODS
+def is_adaptive(solver: str | None) -> bool:
+    """Whether ``--solver`` chooses its own steps (an embedded Runge-Kutta pair)."""
     from ..solvers import TABLEAUX
 
-    if args.solver in TABLEAUX and TABLEAUX[args.solver].adaptive and args.steps is not None:
+    return solver in TABLEAUX and TABLEAUX[solver].adaptive
+
+
+def resolve_steps(args: argparse.Namespace) -> int:
+    """``--steps`` or the method's default; a warning where an adaptive solver only takes its first step from it."""
+    from ..methods import METHODS
+
+    if is_adaptive(args.solver) and args.steps is not None:
         warn("sample", f"--steps {args.steps} only sets the first step size of the adaptive --solver {args.solver}, which chooses its own steps")
     return METHODS[args.method].default_steps if args.steps is None else args.steps
 
 
+def check_ignored(args: argparse.Namespace) -> None:
+    """Warn about options that this combination of flags does not use."""
+    if args.probes != 1 and args.no_track:
+        warn("sample", f"--probes {args.probes} is ignored with --no-track (nothing is tracked)")
+    elif args.probes != 1 and args.method == "sde":
+        warn("sample", f"--probes {args.probes} is ignored by --method sde (its log-density needs no divergence estimate)")
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..likelihood import logp_to_bpd
+    import time
+
     from ..sampling import sample
-    from .figures import save_grid, save_png, to_uint8
     from .progress import run_with_progress
 
     opts = method_options(args)
     steps = resolve_steps(args)
+    check_ignored(args)
     if args.solver is not None:
         opts["solver"] = args.solver
     model, shape = setup(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(args.out)
     x_T = latents(model, shape, args.n, args.seed, args.device)
-    res = run_with_progress(sample, args.method, steps, model=model, x_T=x_T, method=args.method, track_logp=not args.no_track,
+    t0 = time.perf_counter()
+    res = run_with_progress(sample, args.method, steps, adaptive=is_adaptive(args.solver), model=model, x_T=x_T, method=args.method, track_logp=not args.no_track,
                             probes=args.probes, generator=generator(args.seed + 1), **opts)
-    dim = math.prod(shape)
-    if len(shape) == 3 and shape[0] in (1, 3):
-        for i, img in enumerate(to_uint8(res.x)):
-            save_png(out / f"sample_{i:04d}.png", img)
-        save_grid(out / "grid.png", [res.x[i : i + 8] for i in range(0, len(res.x), 8)])
-    rows = []
-    for i in range(args.n):
-        lp = None if res.logp is None else float(res.logp[i])
-        rows.append([f"sample_{i:04d}", "" if lp is None else f"{lp:.6f}", "" if lp is None else f"{float(logp_to_bpd(res.logp[i], dim)):.6f}"])
-    write_csv(out / "samples.csv", ["sample", "logp_nats", "bits_per_dim"], rows)
-    mean = "" if res.logp is None else f", mean log p {float(res.logp.mean()):.1f} nats"
-    print(f"{args.n} samples with {args.method} ({res.nfe}){mean}; wrote {out}")
+    seconds = time.perf_counter() - t0
+    names = write_images(out, res.x, shape)
+    summary = write_samples(out, args, res, names, seconds)
+    mean = "" if res.logp is None else f", mean log p {summary['mean_logp_nats']:.1f} nats ({summary['mean_bits_per_dim']:.3f} bits/dim)"
+    print(f"{args.n} samples with {args.method} ({res.nfe} passes per sample){mean}; wrote {out}/samples.csv, samples.json")
     return 0
+
+
+def write_images(out: Path, x, shape) -> list[str]:
+    """``sample_NNNN.png`` per sample and ``grid.png`` for image models; older ``sample_*.png`` are removed."""
+    from .figures import save_grid, save_png, to_uint8
+
+    names = [f"sample_{i:04d}" for i in range(x.shape[0])]
+    is_image = len(shape) == 3 and shape[0] in (1, 3)
+    remove_stale(out, "sample_*.png", {f"{n}.png" for n in names} if is_image else set())
+    if is_image:
+        for name, img in zip(names, to_uint8(x)):
+            save_png(out / f"{name}.png", img)
+        save_grid(out / "grid.png", [x[i : i + 8] for i in range(0, len(x), 8)])
+    return names
+
+
+def write_samples(out: Path, args: argparse.Namespace, res, names: list[str], seconds: float) -> dict:
+    """``samples.csv`` (one row per sample, units in the header) and ``samples.json`` (settings, means, passes)."""
+    from ..likelihood import logp_to_bpd
+
+    dim = math.prod(res.x.shape[1:])
+    lp = res.logp
+    bpd = None if lp is None else logp_to_bpd(lp, dim)
+    se = getattr(res, "logp_stderr", None)
+    rows = []
+    for i, name in enumerate(names):
+        cells = ["", "", ""] if lp is None else [f"{float(lp[i]):.6f}", "" if se is None else f"{float(se[i]):.6g}", f"{float(bpd[i]):.6f}"]
+        rows.append([name, *cells, *nfe_columns(res.nfe)])
+    header = ["sample", "logp_nats", "logp_stderr_nats", "bits_per_dim", *NFE_HEADER]
+    summary = {"command": "sample", "settings": settings_of(args), "steps": res.steps, "nfe_per_sample": nfe_dict(res.nfe), "seconds": round(seconds, 3),
+               "mean_logp_nats": None if lp is None else float(lp.mean()), "mean_bits_per_dim": None if bpd is None else float(bpd.mean()),
+               "logp_stderr_note": "standard error of each logp from the Hutchinson probes; empty where the tracking has no Monte-Carlo part"}
+    write_table(out, "samples", header, rows, summary)
+    return summary
