@@ -5,7 +5,7 @@ from .alignment import score_alignment
 from .divergence import Exact, Hutchinson
 from .guidance import chi_quantile, rescale_latent  # also registers the guidance methods
 from .likelihood import bits_per_dim, log_likelihood
-from .pretrained import load_pretrained
+from .bundled import load_pretrained
 from .models import NFE, ClassifierFreeGuidance, ScoreModel
 from .mode_tracking import ModeTrackingResult, mode_tracking
 from .typicality import typicality
