@@ -25,6 +25,8 @@ __all__ = [
     "finite_float",
     "positive_float",
     "add_model_options",
+    "add_preprocess_options",
+    "preprocessing_of",
     "resolve_device",
     "setup",
     "latents",
@@ -117,6 +119,26 @@ def add_model_options(p: argparse.ArgumentParser, *, model: bool = True) -> None
         p.add_argument("--model", default="builtin:patches16", help=MODEL_HELP)
     p.add_argument("--seed", type=seed, default=0, help="random seed (latents, noise, probes)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+
+def add_preprocess_options(p: argparse.ArgumentParser) -> None:
+    """``--resize``, ``--fit`` and ``--alpha``: how image files are brought to the model's shape
+    (:mod:`diffdensity.preprocess`; the defaults change no pixel and refuse what does not fit)."""
+    from ..preprocess import ALPHAS, FITS, RESIZE_FILTERS
+
+    g = p.add_argument_group("preprocessing of image files (docs/own-images.md)")
+    g.add_argument("--resize", choices=RESIZE_FILTERS, default=None,
+                   help="rescale images of another size with this filter (default: refuse them)")
+    g.add_argument("--fit", choices=FITS, default="crop", help="with --resize: keep the aspect and cut the centre (crop) or scale each side (stretch)")
+    g.add_argument("--alpha", choices=ALPHAS, default="refuse",
+                   help="transparent pixels: refuse, or composite onto white or black (opaque alpha is always dropped)")
+
+
+def preprocessing_of(args: argparse.Namespace):
+    """The :class:`~diffdensity.preprocess.Preprocessing` chosen by the flags of :func:`add_preprocess_options`."""
+    from ..preprocess import Preprocessing
+
+    return Preprocessing(resize=args.resize, fit=args.fit, alpha=args.alpha)
 
 
 def resolve_device(spec: str):

@@ -6,7 +6,20 @@ import argparse
 import math
 import sys
 
-from .common import CliError, HelpFormatter, add_model_options, generator, latents, output_folder, positive_int, settings_of, setup, write_table
+from .common import (
+    CliError,
+    HelpFormatter,
+    add_model_options,
+    add_preprocess_options,
+    generator,
+    latents,
+    output_folder,
+    positive_int,
+    preprocessing_of,
+    settings_of,
+    setup,
+    write_table,
+)
 
 HELP = "log-density versus image detail (PNG size): correlations and a scatter plot"
 DESCRIPTION = """\
@@ -30,6 +43,7 @@ def register(sub) -> argparse.ArgumentParser:
     t.add_argument("-n", "--n", type=positive_int, default=64, help="model samples when no images are given")
     t.add_argument("--steps", type=positive_int, default=32, help="solver steps")
     t.add_argument("--out", default="out/detail", help="output folder (detail.csv, detail.png)")
+    add_preprocess_options(t)
     t.set_defaults(func=run)
     return t
 
@@ -37,22 +51,35 @@ def register(sub) -> argparse.ArgumentParser:
 def _score_images(args, model, shape):
     import torch
 
-    from ..evaluate import list_images, read_image
     from ..likelihood import bits_per_dim
+    from ..scoring.inputs import list_images
 
-    names, arrays = [], []
-    for f in list_images(args.images):
-        arr, status, msg = read_image(f, shape)
+    prep = preprocessing_of(args)
+    names, arrays, notes = [], [], []
+    try:
+        files = list_images(args.images)
+    except FileNotFoundError as e:
+        raise CliError(f"--images: {e}") from None
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                arr, status, msg = prep.decode(fh.read(), shape)
+        except OSError as e:
+            arr, status, msg = None, "unreadable", f"{type(e).__name__}: {e.strerror or e}"
         if arr is None:
             print(f"skipping {f} ({status}): {msg}", file=sys.stderr)
             continue
+        notes.append(msg)
         names.append(f)
         arrays.append(torch.from_numpy(arr))
+    changed = sum(map(bool, notes))
+    if changed:
+        print(f"{changed} of {len(names)} images preprocessed (resize {args.resize}, fit {args.fit}, alpha {args.alpha}); see detail.csv")
     if not arrays:
         raise CliError(f"--images: no readable {shape} images in {' '.join(args.images)}")
     u8 = torch.stack(arrays)
     res = bits_per_dim(model, u8, steps=args.steps, generator=generator(args.seed))  # the API's dequantisation draws
-    return names, u8, res.bpd
+    return names, u8, res.bpd, notes
 
 
 def _sample_quantiles(args, model, shape):
@@ -72,7 +99,7 @@ def _sample_quantiles(args, model, shape):
         xs.append(r.x)
         lps.append(r.logp)
         names += [f"q{q:g}_{i}" for i in range(per)]
-    return names, to_uint8(torch.cat(xs)), logp_to_bpd(torch.cat(lps), math.prod(shape))
+    return names, to_uint8(torch.cat(xs)), logp_to_bpd(torch.cat(lps), math.prod(shape)), [""] * len(names)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
 
     model, shape = setup(args)
     out = output_folder(args.out)
-    names, u8, bpd = (_score_images if args.images else _sample_quantiles)(args, model, shape)
+    names, u8, bpd, notes = (_score_images if args.images else _sample_quantiles)(args, model, shape)
     size = png_size(u8)
     pearson, spearman = correlations(bpd, size)
     if pearson != pearson:
@@ -89,8 +116,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"{len(size)} images: log-density vs PNG size: Pearson {-pearson:+.3f}, Spearman {-spearman:+.3f} "
               "(negative: more likely images carry less detail)")
-    header = ["image", "bits_per_dim", "png_bytes"]
-    rows = [[n, f"{float(b):.6f}", int(s)] for n, b, s in zip(names, bpd, size)]
+    header = ["image", "bits_per_dim", "png_bytes", "preprocessing"]
+    rows = [[n, f"{float(b):.6f}", int(s), note] for n, b, s, note in zip(names, bpd, size, notes)]
     finite = pearson == pearson
     summary = {"command": "detail", "settings": settings_of(args), "images": len(rows),
                "logp_vs_png_bytes": {"pearson": -pearson if finite else None, "spearman": -spearman if finite else None}}
