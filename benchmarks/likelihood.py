@@ -1,103 +1,219 @@
-"""Accuracy and cost of PF-ODE log-likelihoods on exact mixtures in D = 3072 (3x32x32).
+"""PF-ODE log-likelihoods side by side with the peers, on exact mixtures in D = 3072 and the bundled U-Net.
 
-Two rotated 10-component mixtures, 64 points drawn from p_0, VP schedule (logSNR in
-[-10, 10]); the exact p_T is used as the prior so that only the ODE and divergence
-errors remain:
+Peers, installed for this benchmark only (never runtime dependencies):
 
-* ``component``: isotropic components whose scales are log-spaced over 0.05..1;
-* ``anisotropic``: every component has its own diagonal stds, log-uniform over
-  0.05..1 per dimension, so the score's Jacobian is dense and strongly anisotropic
-  (the hard case for Hutchinson: its variance is 2 sum_{i != j} J_ij^2).
+    .venv/bin/pip install --no-deps k-diffusion==0.1.1.post1 flow_matching==1.0.10 \\
+        torchdiffeq==0.2.5 torchsde==0.2.6 trampoline einops
 
-For each solver / step / probe setting it prints the mean absolute error against the
-exact value (nats and bits/dim), the mean bias, the score evaluations (forward and
-JVP/VJP passes separately, per sample) and the wall time. An ``oracle`` row replaces
-the estimator by the closed-form Laplacian to isolate the discretisation error.
+(also in benchmarks/requirements-peers.txt). Only ``k_diffusion.sampling`` is loaded,
+without running the package ``__init__`` (it pulls in a training stack); its one helper
+from ``k_diffusion.utils`` (``append_dims``) is provided here.
 
-    python benchmarks/likelihood.py               # both problems, all settings
-    python benchmarks/likelihood.py --quick       # fewer points and settings
-    python benchmarks/likelihood.py --memory      # peak memory of one exact divergence in D = 3072
+Problems (VP schedule, logSNR in [-10, 10], Haar-rotated so every Jacobian is dense;
+each estimator against the exact log-density it estimates):
+
+* ``component``: 10 isotropic components, scales log-spaced over 0.05..1;
+* ``hard``: 6 components, scales log-spaced over 0.03..0.7, with per-dimension jitter
+  (a factor log-uniform in [0.8, 1.25]);
+* ``anisotropic``: 10 components with their own diagonal stds, log-uniform over 0.05..1
+  per dimension (the hard case for Hutchinson's estimator).
+
+Rows: k-diffusion's ``log_likelihood`` (dopri5, rtol = atol = 1e-4, one Rademacher probe
+fixed over the solve), flow_matching's ``ODESolver.compute_likelihood`` (dopri5, same
+tolerances, one fixed probe), ``dd.log_likelihood(model, x)`` with no options, and the
+default at forced forward / reverse AD mode. Printed: network passes per sample, MAE,
+bias, the mean reported standard error, wall time and the ratios to k-diffusion.
+
+    python benchmarks/likelihood.py                       # peers on component and hard, 16 points
+    python benchmarks/likelihood.py --problems anisotropic
+    python benchmarks/likelihood.py --unet                # the bundled U-Net (patches16)
+    python benchmarks/likelihood.py --memory              # peak memory of one exact divergence in D = 3072
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import math
 import subprocess
 import sys
 import time
+import types
 
 import torch
 
 import diffdensity as dd
-from diffdensity.divergence import DivergenceEstimator
 
-DIM, K = 3 * 32 * 32, 10
+DIM = 3 * 32 * 32
+_CACHE: dict[str, dd.GaussianMixture] = {}
 
 
 def mixture(kind: str, seed: int = 0) -> dd.GaussianMixture:
+    """The benchmark's mixtures, built once per process (the Haar rotation takes seconds)."""
+    if kind in _CACHE:
+        return _CACHE[kind]
     g = torch.Generator().manual_seed(seed)
     rotation = dd.random_rotation(DIM, generator=g)
-    means = torch.randn(K, DIM, generator=g, dtype=torch.float64)
+    k = 6 if kind == "hard" else 10
+    means = torch.randn(k, DIM, generator=g, dtype=torch.float64)
     if kind == "component":
-        stds = torch.exp(torch.linspace(math.log(0.05), 0.0, K, dtype=torch.float64))
+        stds = torch.exp(torch.linspace(math.log(0.05), 0.0, k, dtype=torch.float64))
+    elif kind == "hard":
+        base = torch.exp(torch.linspace(math.log(0.03), math.log(0.7), k, dtype=torch.float64))
+        jitter = torch.empty(k, DIM, dtype=torch.float64).uniform_(math.log(0.8), math.log(1.25), generator=g)
+        stds = base[:, None] * jitter.exp()
     else:
-        stds = torch.exp(torch.empty(K, DIM, dtype=torch.float64).uniform_(math.log(0.05), 0.0, generator=g))
-    return dd.GaussianMixture(means, stds, schedule=dd.VP(), rotation=rotation)
+        stds = torch.exp(torch.empty(k, DIM, dtype=torch.float64).uniform_(math.log(0.05), 0.0, generator=g))
+    _CACHE[kind] = dd.GaussianMixture(means, stds, schedule=dd.VP(), rotation=rotation)
+    return _CACHE[kind]
 
 
-class Oracle(DivergenceEstimator):
-    """The mixture's closed-form Laplacian (diagnostic: isolates the solver's error)."""
-
-    def __init__(self, gmm: dd.GaussianMixture):
-        super().__init__("reverse")
-        self.gmm = gmm
-
-    def __call__(self, fn, x, nfe=None):
-        if nfe is not None:
-            nfe.forward += 1
-        return fn(x), self.gmm.laplacian(x, fn.t)
-
-
-SETTINGS = [
-    # label, solver, steps (first step for adaptive), rtol, divergence, probes, resample
-    ("oracle divergence, dopri5", "dopri5", 16, 1e-5, "oracle", 0, ""),
-    ("oracle divergence, heun 128", "heun", 128, 0, "oracle", 0, ""),
-    ("baseline: dopri5, 1 fixed probe", "dopri5", 16, 1e-5, "hutchinson", 1, "solve"),
-    ("euler 1024, 1 probe/step", "euler", 1024, 0, "hutchinson", 1, "step"),
-    ("heun 128, 1 probe/step", "heun", 128, 0, "hutchinson", 1, "step"),
-    ("dopri5 rtol 1e-4, 4 fixed probes", "dopri5", 16, 1e-4, "hutchinson", 4, "solve"),
-    ("heun 128, 16 probes/step", "heun", 128, 0, "hutchinson", 16, "step"),
-]
-QUICK = {"oracle divergence, dopri5", "baseline: dopri5, 1 fixed probe", "heun 128, 1 probe/step", "dopri5 rtol 1e-4, 4 fixed probes"}
+def k_diffusion_sampling():
+    """``k_diffusion.sampling`` without the package ``__init__`` (and its training stack)."""
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None:
+        raise SystemExit("k-diffusion is not installed: see benchmarks/requirements-peers.txt")
+    pkg = types.ModuleType("k_diffusion")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    utils = types.ModuleType("k_diffusion.utils")
+    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
+    pkg.utils = utils
+    sys.modules.setdefault("k_diffusion", pkg)
+    sys.modules.setdefault("k_diffusion.utils", utils)
+    return importlib.import_module("k_diffusion.sampling")
 
 
-def run(kind: str, n: int, quick: bool) -> None:
+class Denoiser:
+    """A VP score model as k-diffusion's denoiser ``D(y, sigma)`` in the VE frame ``y = x / alpha``."""
+
+    def __init__(self, model):
+        self.model, self.sched = model, model.schedule
+        self.calls = 0
+
+    def __call__(self, y, sigma):
+        self.calls += 1
+        lam = -2 * torch.log(sigma.to(torch.float64))
+        t = self.sched.t_from_log_snr(lam)
+        alpha = torch.sigmoid(lam).sqrt().to(y.dtype).reshape(-1, *([1] * (y.ndim - 1)))
+        return y + (sigma.reshape(alpha.shape) ** 2) * alpha * self.model.score(alpha * y, t)
+
+
+def run_k_diffusion(model, x):
+    """k-diffusion's estimate of log p_{t_min}(x) in the VP frame, and its score evaluations."""
+    ks = k_diffusion_sampling()
+    sched = model.schedule
+    lam = sched.log_snr(torch.tensor([sched.t_min, sched.t_max], dtype=torch.float64))
+    s_min, s_max = float(torch.exp(-lam[0] / 2)), float(torch.exp(-lam[1] / 2))
+    a_min = float(torch.sigmoid(lam[0]).sqrt())
+    den = Denoiser(model)
+    ll, info = ks.log_likelihood(den, x / a_min, s_min, s_max, atol=1e-4, rtol=1e-4)
+    dim = math.prod(x.shape[1:])
+    return ll.to(torch.float64) - dim * math.log(a_min), info["fevals"]
+
+
+def run_flow_matching(model, x, prior):
+    """flow_matching's ``compute_likelihood`` on the PF-ODE in its time s = 1 - t (s = 1: data)."""
+    from flow_matching.solver import ODESolver
+    from flow_matching.utils import ModelWrapper
+
+    sched = model.schedule
+    calls = [0]
+
+    class Velocity(ModelWrapper):
+        def forward(self, x, t, **extras):
+            calls[0] += 1
+            tt = (1 - t.to(torch.float64)).reshape(()).expand(x.shape[0])
+            sv = sched(tt[:1])
+            return -(sv.f.to(x.dtype) * x - 0.5 * sv.g2.to(x.dtype) * model.score(x, tt))
+
+    solver = ODESolver(velocity_model=Velocity(torch.nn.Identity()))
+    grid = torch.tensor([1.0, 0.0], dtype=x.dtype)
+    torch.manual_seed(3)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(x.dtype)  # its probe is built in the default dtype
+    try:
+        _, logp = solver.compute_likelihood(x, prior, step_size=None, method="dopri5", atol=1e-4, rtol=1e-4, time_grid=grid)
+    finally:
+        torch.set_default_dtype(default)
+    return logp.to(torch.float64), calls[0]
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def peers(kind: str, n: int) -> None:
     gmm = mixture(kind)
-    g = torch.Generator().manual_seed(1)
-    x = gmm.sample(n, generator=g)
+    x = gmm.sample(n, generator=torch.Generator().manual_seed(1))
     exact = gmm.log_prob(x, gmm.schedule.t_min)
     prior = lambda z: gmm.log_prob(z, gmm.schedule.t_max)  # noqa: E731
-    print(f"\n== {kind} mixture, D={DIM}, K={K}, {n} points; exact mean log p_0 = {exact.mean():.1f} nats")
-    head = f"{'setting':<34} {'MAE nats':>9} {'MAE bpd':>9} {'bias':>8} {'std':>7} {'forward':>8} {'jvp':>7} {'steps':>6} {'time s':>7}"
-    print(head)
-    for label, solver, steps, rtol, div, probes, resample in SETTINGS:
-        if quick and label not in QUICK:
-            continue
-        est = Oracle(gmm) if div == "oracle" else dd.Hutchinson(probes, resample=resample)
-        t0 = time.perf_counter()
-        r = dd.log_likelihood(
-            gmm, x, steps=steps, solver=solver, divergence=est, prior_logp=prior, rtol=rtol or 1e-5, atol=rtol or 1e-5,
-            generator=torch.Generator().manual_seed(2),
-        )
-        dt = time.perf_counter() - t0
-        err = r.logp - exact
+    print(f"\n== {kind} mixture, D={DIM}, {n} points; exact mean log p_0 = {exact.mean():.1f} nats")
+    print(f"{'estimator':<44} {'passes/sample':>22} {'MAE':>7} {'bias':>7} {'mean se':>8} {'wall s':>7} {'wall/kd':>8} {'MAE/kd':>7}")
+    rows = []
+    torch.manual_seed(2)
+    (kd, fevals), dt = timed(lambda: run_k_diffusion(gmm, x))
+    rows.append(("k-diffusion log_likelihood (dopri5 1e-4)", f"{fevals} score + VJP", kd, None, dt))
+    (fm, calls), dt = timed(lambda: run_flow_matching(gmm, x, prior))
+    rows.append(("flow_matching compute_likelihood (dopri5)", f"{calls} score + VJP", fm, None, dt))
+    for label, div in (("dd.log_likelihood(model, x) [default]", "hutchinson"),
+                       ("  same, mode='forward'", dd.Hutchinson(2, resample="call", mode="forward")),
+                       ("  same, mode='reverse'", dd.Hutchinson(2, resample="call", mode="reverse"))):
+        r, dt = timed(lambda: dd.log_likelihood(gmm, x, divergence=div, prior_logp=prior, generator=torch.Generator().manual_seed(4)))
+        passes = f"{r.settings['primal_passes']} fwd + {r.nfe.jvp + r.nfe.vjp} {r.settings['ad_mode'][:3]}"
+        rows.append((label, passes, r.logp, r.stderr, dt))
+    kd_mae, kd_dt = float((kd - exact).abs().mean()), rows[0][4]
+    for label, passes, est, se, dt in rows:
+        err = est - exact
         mae = float(err.abs().mean())
-        print(
-            f"{label:<34} {mae:>9.3f} {mae / (DIM * math.log(2)):>9.2e} {float(err.mean()):>8.3f} {float(err.std()):>7.3f} "
-            f"{r.nfe.forward + (r.nfe.jvp + r.nfe.vjp) // max(probes, 1):>8d} {r.nfe.jvp + r.nfe.vjp:>7d} {r.steps:>6d} {dt:>7.1f}",
-            flush=True,
-        )
+        se_s = "-" if se is None else f"{float(se.mean()):.2f}"
+        print(f"{label:<44} {passes:>22} {mae:>7.2f} {float(err.mean()):>7.2f} {se_s:>8} {dt:>7.1f} {dt / kd_dt:>8.2f} {mae / kd_mae:>7.2f}", flush=True)
+
+
+def unet(n: int, seeds: int, ref_n: int) -> None:
+    """The bundled U-Net on held-out-like patches: seconds per image and per-sample spread over probe seeds."""
+    model = dd.load_pretrained("patches16")
+    x = _patches(model, n)
+    print(f"\n== bundled U-Net patches16, D={math.prod(model.event_shape)}, {n} patches, {seeds} probe seeds")
+    modes = {}
+    for mode in ("forward", "reverse"):
+        est = dd.Hutchinson(2, resample="call", mode=mode)
+        _, dt = timed(lambda: dd.log_likelihood(model, x, divergence=est, steps=4, generator=torch.Generator().manual_seed(1)))
+        modes[mode] = dt
+    auto = dd.log_likelihood(model, x, steps=4, generator=torch.Generator().manual_seed(1))
+    print(f"AD modes, default estimator, 4 RK4 steps: forward {modes['forward']:.1f} s, reverse {modes['reverse']:.1f} s; "
+          f"auto resolved to {auto.settings['ad_mode']} (measured per product: {auto.settings['ad_timings']})")
+    settings = (("default dd.log_likelihood(model, x)", {}),
+                ("k-diffusion style: dopri5 1e-4, 1 fixed probe", dict(solver="dopri5", rtol=1e-4, atol=1e-4, divergence=dd.Hutchinson(1, resample="solve"))))
+    results = {}
+    for label, opts in settings:
+        runs, total = [], 0.0
+        for s in range(seeds):
+            r, dt = timed(lambda: dd.log_likelihood(model, x, generator=torch.Generator().manual_seed(10 + s), **opts))
+            runs.append(r)
+            total += dt
+        logp = torch.stack([r.logp for r in runs])
+        results[label] = logp.mean(0)
+        se = runs[0].stderr
+        print(f"{label:<48} {total / (seeds * n):6.2f} s/image, spread over seeds {float(logp.std(0).mean()):6.2f} nats"
+              + ("" if se is None else f", reported se {float(se.mean()):.2f}")
+              + f", passes/sample {runs[0].nfe.total}", flush=True)
+    if ref_n:
+        ref, dt = timed(lambda: dd.log_likelihood(model, x[:ref_n], steps=48, divergence=dd.Exact(mode="reverse")))
+        for label, mean in results.items():
+            print(f"  vs reference (rk4 48 steps, exact divergence, {ref_n} patches, {dt:.0f} s): {label}: mean |error| "
+                  f"{float((mean[:ref_n] - ref.logp).abs().mean()):.2f} nats")
+
+
+def _patches(model, n: int) -> torch.Tensor:
+    """``n`` held-out patches of the bundled model's data (seeded choice), dequantised to [-1, 1]."""
+    from diffdensity.bundled import data
+
+    u8 = data.patches("heldout")
+    pick = torch.randperm(u8.shape[0], generator=torch.Generator().manual_seed(0))[:n]
+    return dd.likelihood.dequantize(u8[pick].to(torch.float64)).to(torch.float32)
 
 
 def memory_probe() -> None:
@@ -128,22 +244,27 @@ def _vm_hwm() -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=64, help="points per problem")
-    p.add_argument("--quick", action="store_true", help="fewer settings")
-    p.add_argument("--problems", nargs="+", default=["component", "anisotropic"], choices=["component", "anisotropic"])
+    p.add_argument("--n", type=int, default=16, help="points per problem / patches")
+    p.add_argument("--problems", nargs="+", default=["component", "hard"], choices=["component", "hard", "anisotropic"])
+    p.add_argument("--unet", action="store_true", help="only the bundled U-Net section")
+    p.add_argument("--seeds", type=int, default=4, help="probe seeds per setting on the U-Net")
+    p.add_argument("--ref", type=int, default=2, help="patches with an exact-divergence reference on the U-Net (0: none)")
     p.add_argument("--memory", action="store_true", help="only the exact-divergence memory probe")
     p.add_argument("--_memory_child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
+    torch.set_num_threads(1)
     if a._memory_child:
         memory_probe()
         return
     if a.memory:
         subprocess.run([sys.executable, __file__, "--_memory_child"], check=True)
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread")
+    if a.unet:
+        unet(a.n, a.seeds, a.ref)
+        return
     for kind in a.problems:
-        run(kind, a.n, a.quick)
-    subprocess.run([sys.executable, __file__, "--_memory_child"], check=True)
+        peers(kind, a.n)
 
 
 if __name__ == "__main__":

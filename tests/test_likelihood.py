@@ -89,8 +89,8 @@ def test_default_gaussian_prior():
     sched = dd.VP()
     gmm = make_mixture(sched, 2, k=3, seed=4)
     x = gmm.sample(6, generator=gen(5))
-    a = dd.log_likelihood(gmm, x, steps=16, divergence="exact")
-    b = dd.log_likelihood(gmm, x, steps=16, divergence="exact", prior_logp=exact_prior(gmm))
+    a = dd.log_likelihood(gmm, x, steps=16, solver="heun", divergence="exact")
+    b = dd.log_likelihood(gmm, x, steps=16, solver="heun", divergence="exact", prior_logp=exact_prior(gmm))
     torch.testing.assert_close(a.prior_logp, sched.prior_log_prob(a.x_T), rtol=0, atol=0)
     torch.testing.assert_close(a.delta_logp, b.delta_logp, rtol=0, atol=0)
     torch.testing.assert_close(a.logp - b.logp, sched.prior_log_prob(a.x_T) - gmm.log_prob(a.x_T, sched.t_max), rtol=0, atol=1e-12)
@@ -114,9 +114,9 @@ def hutchinson_vs_closed_form(gmm, x, *, steps: int, probes: int, noise: str, se
     """Heun on the same grid with the closed-form divergence and with Hutchinson: the x path
     does not depend on the divergence, so their difference is pure zero-mean estimator noise."""
     model = _Recorder(gmm)
-    ref = dd.log_likelihood(model, x, steps=steps, divergence=ClosedFormDivergence(model), prior_logp=exact_prior(gmm))
+    ref = dd.log_likelihood(model, x, steps=steps, solver="heun", divergence=ClosedFormDivergence(model), prior_logp=exact_prior(gmm))
     est = dd.Hutchinson(probes, noise=noise, mode="forward")
-    hut = dd.log_likelihood(gmm, x, steps=steps, divergence=est, generator=gen(seed), prior_logp=exact_prior(gmm))
+    hut = dd.log_likelihood(gmm, x, steps=steps, solver="heun", divergence=est, generator=gen(seed), prior_logp=exact_prior(gmm))
     torch.testing.assert_close(hut.x_T, ref.x_T, rtol=0, atol=0)
     assert (hut.nfe.forward, hut.nfe.jvp, hut.nfe.vjp) == (0, 2 * steps * probes, 0)  # 2 Heun stages per step
     diff = hut.logp - ref.logp
@@ -147,7 +147,7 @@ def test_rotated_d1024():
     x = gmm.sample(4, generator=gen(13))
     exact = gmm.log_prob(x, sched.t_min)
     model = _Recorder(gmm)
-    runs = {n: dd.log_likelihood(model, x, steps=n, divergence=ClosedFormDivergence(model), prior_logp=exact_prior(gmm)) for n in (32, 64)}
+    runs = {n: dd.log_likelihood(model, x, steps=n, solver="heun", divergence=ClosedFormDivergence(model), prior_logp=exact_prior(gmm)) for n in (32, 64)}
     err64 = runs[64].logp - exact
     predicted = (runs[32].logp - runs[64].logp) / 3
     assert (err64.abs() < 5.0).all()  # a few nats out of |log p| ~ 1e3 at 64 steps
@@ -164,7 +164,7 @@ def test_time_grids(grid):
     gmm = make_mixture(sched, 2, k=2, seed=15)
     x = gmm.sample(4, generator=gen(16))
     exact = gmm.log_prob(x, sched.t_min)
-    runs = {n: dd.log_likelihood(gmm, x, steps=n, grid=grid, divergence="exact", prior_logp=exact_prior(gmm)) for n in (32, 64)}
+    runs = {n: dd.log_likelihood(gmm, x, steps=n, solver="heun", grid=grid, divergence="exact", prior_logp=exact_prior(gmm)) for n in (32, 64)}
     assert runs[64].settings["grid"] == grid
     err64 = runs[64].logp - exact
     torch.testing.assert_close(err64, (runs[32].logp - runs[64].logp) / 3, rtol=0.3, atol=3e-4)
@@ -233,6 +233,112 @@ def test_hutchinson_every_schedule_d2(name):
     x = gmm.sample(8, generator=gen(24)).repeat(2, 1)
     ref, hut = hutchinson_vs_closed_form(gmm, x, steps=16, probes=1, noise="rademacher", seed=25)
     # same seed, same estimate; another seed, another one
-    again = dd.log_likelihood(gmm, x, steps=16, divergence=dd.Hutchinson(1), generator=gen(25), prior_logp=exact_prior(gmm))
-    other = dd.log_likelihood(gmm, x, steps=16, divergence=dd.Hutchinson(1), generator=gen(26), prior_logp=exact_prior(gmm))
+    again = dd.log_likelihood(gmm, x, steps=16, solver="heun", divergence=dd.Hutchinson(1), generator=gen(25), prior_logp=exact_prior(gmm))
+    other = dd.log_likelihood(gmm, x, steps=16, solver="heun", divergence=dd.Hutchinson(1), generator=gen(26), prior_logp=exact_prior(gmm))
     assert torch.equal(again.logp, hut.logp) and not torch.equal(other.logp, hut.logp)
+
+
+# -- defaults, error bars, precision target, bad input -------------------------------------
+
+
+def hard_mixture(dim: int, seed: int) -> dd.GaussianMixture:
+    """Like the benchmark's hard mixture at small D: 6 components, scales 0.03..0.7 with
+    per-dimension jitter, densely rotated."""
+    g = gen(seed)
+    base = torch.exp(torch.linspace(math.log(0.03), math.log(0.7), 6, dtype=F64))
+    stds = base[:, None] * torch.empty(6, dim, dtype=F64).uniform_(math.log(0.8), math.log(1.25), generator=g).exp()
+    means = torch.randn(6, dim, generator=g, dtype=F64)
+    return dd.GaussianMixture(means, stds, schedule=dd.VP(), rotation=householder_rotation(dim, generator=g))
+
+
+def test_default_is_accurate_and_reports_calibrated_error_bars():
+    """D = 256 (the benchmark checks D = 3072): the default estimate is within 1 nat, and over
+    24 probe seeds (the batch repeated) (estimate - exact - bias) / stderr has unit spread."""
+    gmm = hard_mixture(256, seed=30)
+    n, reps = 6, 24
+    x = gmm.sample(n, generator=gen(31))
+    r = dd.log_likelihood(gmm, x.repeat(reps, 1), prior_logp=exact_prior(gmm), generator=gen(32))
+    assert r.settings["solver"] == "rk4" and r.steps == 24 and r.settings["divergence"].startswith("Hutchinson(probes=2")
+    assert r.stderr.shape == (n * reps,) and r.stderr.dtype == F64 and (r.stderr > 0).all() and r.error is None
+    exact = gmm.log_prob(x, gmm.schedule.t_min)
+    err = (r.logp.reshape(reps, n) - exact)
+    assert float(err.abs().mean()) < 1.0, err.abs().mean()
+    bias = err.mean(0)
+    z = (err - bias) / r.stderr.reshape(reps, n)
+    spread = float(z.std() * math.sqrt(reps / (reps - 1)))  # the bias is estimated from the same runs
+    assert 0.8 <= spread <= 1.25, spread
+    # 4 evaluations per RK4 step, each one primal for its 2 products (+ at most 3 while the AD mode is measured)
+    assert 4 * 24 <= r.settings["primal_passes"] <= 4 * 24 + 3 and 2 * 4 * 24 <= r.nfe.jvp + r.nfe.vjp <= 2 * (4 * 24 + 3)
+
+
+def test_exact_divergence_has_zero_stderr_and_single_probe_none():
+    gmm = make_mixture(dd.VP(), 3, k=2, seed=33)
+    x = gmm.sample(4, generator=gen(34))
+    exact = dd.log_likelihood(gmm, x, steps=8, divergence="exact")
+    assert torch.equal(exact.stderr, torch.zeros(4, dtype=F64))
+    single = dd.log_likelihood(gmm, x, steps=8, probes=1, generator=gen(35))
+    assert single.stderr is None
+    adaptive = dd.log_likelihood(gmm, x, solver="bosh3", divergence="exact", rtol=1e-6, atol=1e-6, prior_logp=exact_prior(gmm))
+    truth = gmm.log_prob(x, gmm.schedule.t_min)
+    # the embedded estimate bounds the error of the higher-order result
+    assert adaptive.error.shape == (4,) and ((adaptive.logp - truth).abs() <= adaptive.error.abs() + 1e-9).all()
+    cos = make_mixture(dd.VPCosine(), 2, k=2, seed=15)  # the mixture of test_time_grids: Heun in its asymptotic range
+    xc = cos.sample(4, generator=gen(16))
+    halved = dd.log_likelihood(cos, xc, steps=64, solver="heun", divergence="exact", prior_logp=exact_prior(cos), step_halving=True)
+    torch.testing.assert_close(halved.error, halved.logp - cos.log_prob(xc, cos.schedule.t_min), rtol=0.3, atol=3e-4)
+    assert halved.settings["step_halving"]["steps"] == 32
+
+
+def test_target_stderr_adds_probes_until_met():
+    gmm = hard_mixture(128, seed=36)
+    x = gmm.sample(4, generator=gen(37))
+    first = dd.log_likelihood(gmm, x, steps=8, prior_logp=exact_prior(gmm), generator=gen(38))
+    target = 0.5 * float(first.stderr.min())
+    r = dd.log_likelihood(gmm, x, steps=8, prior_logp=exact_prior(gmm), generator=gen(38), target_stderr=target)
+    info = r.settings["target_stderr"]
+    assert info["met"] and (r.stderr <= target).all() and info["rounds"] >= 1 and info["max_probes_used"] >= 8
+    assert info["extra_nfe"] > 0 and r.nfe.total == first.nfe.total + info["extra_nfe"]
+    ref = dd.log_likelihood(gmm, x, steps=8, divergence="exact", prior_logp=exact_prior(gmm))
+    assert ((r.logp - ref.logp).abs() < 4 * r.stderr).all()  # same grid: the difference is probe noise
+    with pytest.warns(UserWarning, match="not met with max_probes=4"):
+        dd.log_likelihood(gmm, x, steps=8, prior_logp=exact_prior(gmm), generator=gen(38), target_stderr=1e-6, max_probes=4)
+    with pytest.raises(ValueError, match="target_stderr needs"):
+        dd.log_likelihood(gmm, x, steps=8, probes=1, target_stderr=1.0)
+
+
+def test_bits_per_dim_stderr():
+    gmm = image_mixture(39)
+    images = to_uint8(gmm.sample(3, generator=gen(40)))
+    r = dd.bits_per_dim(gmm, images, draws=2, generator=gen(41), dtype=F64, steps=8)
+    assert r.stderr.shape == (3,) and (r.stderr > 0).all()
+    assert dd.bits_per_dim(gmm, images, draws=1, generator=gen(41), dtype=F64, steps=8, divergence="exact").stderr.abs().max() == 0
+
+
+class _NaNModel(_Recorder):
+    def score(self, x, t, **cond):
+        s = super().score(x, t).clone()
+        s[1] = float("nan")
+        return s
+
+
+def test_bad_input_is_refused_clearly():
+    import numpy as np
+
+    gmm = make_mixture(dd.VP(), 3, k=2, seed=42)
+    x = gmm.sample(4, generator=gen(43))
+    r = dd.log_likelihood(gmm, x, steps=np.int64(4), divergence="exact")  # numpy integers are integers
+    assert r.steps == 4
+    for value in (math.nan, 0.0, -1.0):
+        for name in ("rtol", "atol"):
+            with pytest.raises(ValueError, match=f"{name} must be"):
+                dd.log_likelihood(gmm, x, solver="dopri5", **{name: value})
+    for generator in (0, np.random.default_rng(0)):
+        with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+            dd.log_likelihood(gmm, x, generator=generator)
+    with pytest.raises(ValueError, match=r"x has values up to 1e\+300"):
+        dd.log_likelihood(gmm, torch.full_like(x, 1e300))
+    with pytest.raises(FloatingPointError, match=r"network output is NaN or Inf at t=0 for 1 of 4 samples \(indices 1\).*more steps will not help"):
+        dd.log_likelihood(_NaNModel(gmm), x, steps=4)
+    bad_prior = lambda z: torch.where(torch.arange(4) == 3, math.nan, 0.0).to(F64)  # noqa: E731
+    with pytest.raises(FloatingPointError, match=r"prior_logp\(x_T\) is NaN or Inf at t=1 for 1 of 4 samples \(indices 3\)"):
+        dd.log_likelihood(gmm, x, steps=4, divergence="exact", prior_logp=bad_prior)

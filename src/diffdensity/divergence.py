@@ -44,10 +44,10 @@ _MODES = ("auto", "forward", "reverse")
 _AD_ERRORS = (RuntimeError, NotImplementedError, ValueError)
 
 #: ``mode="auto"`` keeps forward mode without measuring reverse mode when one forward
-#: product takes less than this (seconds): for such cheap fields (small analytic
-#: models, tiny networks) a whole solve takes seconds either way, and timings of a few
-#: milliseconds on a loaded CPU would make the choice arbitrary from run to run.
-AUTO_MIN_SECONDS = 0.25
+#: product takes less than this (seconds), twice: for such cheap fields (small analytic
+#: models) a whole solve takes seconds either way, and timings of a few milliseconds on
+#: a loaded CPU would make the choice arbitrary from run to run.
+AUTO_MIN_SECONDS = 0.05
 #: reverse mode is chosen when it is faster than forward mode by at least this factor.
 AUTO_MARGIN = 1.1
 
@@ -111,6 +111,7 @@ class DivergenceEstimator:
         self.resolved_mode: str | None = None if mode == "auto" else mode
         self.per_probe = False
         self.last_samples: Tensor | None = None
+        self.last_var: Tensor | None = None
         self.primal_passes = 0
         self.mode_timings: dict[str, float] = {}
         self._mode_cache: dict[tuple, str] = {}
@@ -335,7 +336,29 @@ class Hutchinson(DivergenceEstimator):
         quad = (eps * jv).reshape(self.probes, x.shape[0], -1).to(torch.float64).sum(-1)
         check_finite(quad, "a Jacobian product", fn, _NET_HINT)
         self.last_samples = quad
+        self.last_var = self._variance(eps, jv)
         return fx, (quad if self.per_probe else quad.mean(0))
+
+    def _variance(self, eps: Tensor, jv: Tensor) -> Tensor | None:
+        """Estimated variance of the returned mean, float64 ``(B,)`` (``None`` for one Rademacher probe).
+
+        For a symmetric ``J``, ``Var(e^T J e) = 2 (|J|_F^2 - sum_i J_ii^2)`` (Rademacher) or
+        ``2 |J|_F^2`` (Gaussian). ``|J e_p|^2`` is unbiased for ``|J|_F^2`` and, for two
+        independent probes, ``sum_i (e_p J e_p)_i (e_q J e_q)_i`` for ``sum_i J_ii^2``:
+        sums over the D coordinates, so the estimate is far less noisy than the
+        spread of ``P`` values (for a non-symmetric ``J`` it errs on the safe side).
+        """
+        p, b = eps.shape[0], eps.shape[1]
+        jv = jv.reshape(p, b, -1).to(torch.float64)
+        fro = jv.square().sum(-1).mean(0)
+        if self.noise == "gaussian":
+            return 2 * fro / p
+        if p < 2:
+            return None
+        d = eps.reshape(p, b, -1).to(torch.float64) * jv
+        total = d.sum(0)
+        cross = (total.square().sum(-1) - d.square().sum((0, 2))) / (p * (p - 1))
+        return 2 * (fro - cross).clamp_min(0) / p
 
 
 def make_divergence(divergence: str | DivergenceEstimator, probes: int = 1) -> DivergenceEstimator:

@@ -26,7 +26,7 @@ __all__ = ["Tableau", "TABLEAUX", "Solution", "StepInfo", "odeint", "check_state
 
 
 class ODEFunc(Protocol):
-    def __call__(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]: ...
+    def __call__(self, t: Tensor, x: Tensor) -> tuple: ...  # (u, rate) or (u, rate, rate_var)
 
 
 @dataclass(frozen=True)
@@ -165,15 +165,36 @@ def _rk_step(func: ODEFunc, tab: Tableau, t: float, x: Tensor, h: float, k0=None
             u, r = k0
         else:
             xi = _combine(x, h, kx, tab.a[i]) if i else x
-            u, r = func(torch.tensor(t + ci * h, dtype=torch.float64), xi)
+            out = func(torch.tensor(t + ci * h, dtype=torch.float64), xi)
+            u, r = out[0], out[1]
             check_state(u, "dx/dt", t + ci * h, _RATE_HINT)
             if r is not None:
                 check_state(r.reshape(-1, r.shape[-1]).T, "the log-density rate", t + ci * h, _RATE_HINT)
+                r = r if len(out) == 2 else _RateWithVar(r, out[2])
         kx.append(u)
         klp.append(r)
     x_new = _combine(x, h, kx, tab.b)
     check_state(x_new, "the state x", t + h, _STATE_HINT)
-    return x_new, _weighted(h, tab.b, klp), kx, klp
+    plain, var = _weighted_var(h, tab.b, klp)
+    dlp = _weighted(h, tab.b, plain)
+    return x_new, (dlp if var is None else (dlp, var)), kx, plain if var is None else klp
+
+
+class _RateWithVar:
+    """A rate ``(B,)`` with its variance ``(B,)``, from dynamics returning ``(u, rate, rate_var)``."""
+
+    def __init__(self, rate: Tensor, var: Tensor | None):
+        self.rate, self.var = rate, var
+
+
+def _weighted_var(h: float, coeffs: tuple[float, ...], rates: list) -> tuple[list, Tensor | None]:
+    """The plain rates and ``sum_i (h c_i)^2 var_i`` (independent stages) where variances were given."""
+    if not rates or not isinstance(rates[0], _RateWithVar):
+        return rates, None
+    plain = [r.rate for r in rates]
+    if any(r.var is None for r in rates):
+        return plain, None
+    return plain, sum((h * c) ** 2 * r.var for c, r in zip(coeffs, rates) if c != 0.0)
 
 
 class _LogDensity:
@@ -192,9 +213,12 @@ class _LogDensity:
         self.totals: Tensor | None = None
         self.error: Tensor | None = None
 
-    def add(self, dlp: Tensor | None, err: Tensor | None = None) -> None:
+    def add(self, dlp, err: Tensor | None = None) -> None:
         if dlp is None:
             return
+        if isinstance(dlp, tuple):  # (increment, its variance) from rates with variances
+            dlp, step_var = dlp
+            self.var = step_var if self.var is None else self.var + step_var
         mean = dlp.mean(0) if dlp.ndim == 2 else dlp
         self.value = mean if self.value is None else self.value + mean
         if err is not None:
@@ -233,10 +257,14 @@ def odeint(
     direction). Adaptive methods (``"bosh3"``, ``"dopri5"``) integrate from ``ts[0]``
     to ``ts[-1]`` choosing their own steps; the first step size is ``ts[1] - ts[0]``.
     ``logp`` is the float64 ``(B,)`` initial log-density (``None``: not tracked; a zero
-    start is used if ``func`` returns a rate). ``func`` may return per-probe rates
-    ``(P, B)`` (``P`` independent Hutchinson estimates): ``logp`` follows their mean
-    and ``Solution.logp_var`` estimates its variance (``independent_steps``: whether
-    probes are drawn afresh every step or stage rather than once per solve).
+    start is used if ``func`` returns a rate). The variance of a noisy rate (Hutchinson)
+    is carried in one of two ways, and summed into ``Solution.logp_var``: ``func``
+    returns ``(u, rate, rate_var)`` with ``rate_var`` float64 ``(B,)`` the variance of
+    ``rate``, independent from call to call (fresh probes at every stage): a step adds
+    ``sum_i (h b_i)^2 rate_var_i``; or ``func`` returns per-probe rates ``(P, B)``
+    (``P`` independent estimates, ``P >= 2``): ``logp`` follows their mean and a step adds
+    ``var_p(d_p) / P`` of the per-probe increments (``independent_steps=False``, probes
+    fixed for the solve: the spread of the per-probe totals instead).
     ``control``: the adaptive error norm covers ``"x"`` only (Hutchinson noise in the
     rate kept out of step control) or ``"both"`` ``x`` and ``log p``. ``begin_step`` is
     called before each step attempt; ``fsal=False`` disables reusing the last stage of a
@@ -308,10 +336,11 @@ def _adaptive(func, tab, x, ts, acc, record, times, rtol, atol, max_steps, begin
         ex = _combine(torch.zeros_like(x), h, kx, tab.b_err)
         scale = atol + rtol * torch.maximum(x.abs(), x_new.abs())
         err = (ex / scale).to(torch.float64).square().mean().sqrt()
-        elp = _weighted(h, tab.b_err, klp)
-        if dlp is not None and control == "both":
-            base = torch.zeros(dlp.shape[-1], dtype=torch.float64, device=dlp.device) if acc.value is None else acc.value
-            mean_dlp, mean_elp = (dlp.mean(0), elp.mean(0)) if dlp.ndim == 2 else (dlp, elp)
+        elp = _weighted(h, tab.b_err, _weighted_var(h, tab.b_err, klp)[0])
+        mean_dlp = dlp[0] if isinstance(dlp, tuple) else dlp
+        if mean_dlp is not None and control == "both":
+            base = torch.zeros(mean_dlp.shape[-1], dtype=torch.float64, device=mean_dlp.device) if acc.value is None else acc.value
+            mean_dlp, mean_elp = (mean_dlp.mean(0), elp.mean(0)) if mean_dlp.ndim == 2 else (mean_dlp, elp)
             lp_scale = atol + rtol * torch.maximum(base.abs(), (base + mean_dlp).abs())
             err = torch.maximum(err, (mean_elp / lp_scale).abs().max())
         err = float(err)
