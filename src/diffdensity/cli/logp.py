@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import argparse
 
-from ..schedules import GRIDS
-from ..solvers import TABLEAUX
-from .common import CliError, HelpFormatter, positive_int, resolve_device, seed
+from .common import CliError, HelpFormatter, add_model_options, positive_int, resolve_device
 
 HELP = "log-density and bits/dim of image files (CSV; resumable; runs under torchrun)"
-FIXED_SOLVERS = tuple(name for name, tab in TABLEAUX.items() if not tab.adaptive)
+
+
+def _api_default(name: str):
+    """The default of ``score_dataset``'s keyword ``name`` (so that the CLI and the API agree)."""
+    import inspect
+
+    from ..scoring import score_dataset
+
+    return inspect.signature(score_dataset).parameters[name].default
 
 _DESCRIPTION = """\
 Score PNG/JPEG images with the model's probability-flow ODE: one CSV row per image,
@@ -36,18 +42,20 @@ examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``logp`` options."""
+    """The ``logp`` options (defaults those of :func:`diffdensity.scoring.score_dataset`)."""
+    from ..schedules import GRIDS
+    from ..solvers import TABLEAUX
+
+    fixed_solvers = tuple(name for name, tab in TABLEAUX.items() if not tab.adaptive)
     p.add_argument("inputs", nargs="+", help="PNG/JPEG files and folders (a folder expands to its image files, sorted)")
-    p.add_argument("--model", default="builtin:patches16", help="builtin:NAME, diffusers:PATH (local folder) or gmm:NAME")
+    add_model_options(p)
     p.add_argument("--out", default="out/logp.csv", help="CSV to write (resumed if it exists with the same settings)")
-    p.add_argument("--steps", type=positive_int, default=64, help="PF-ODE steps")
-    p.add_argument("--solver", choices=FIXED_SOLVERS, default="heun", help="fixed-step ODE solver")
+    p.add_argument("--steps", type=positive_int, default=_api_default("steps"), help="PF-ODE steps")
+    p.add_argument("--solver", choices=fixed_solvers, default=_api_default("solver"), help="fixed-step ODE solver")
     p.add_argument("--grid", choices=GRIDS, default="log_snr", help="time grid of the steps")
     p.add_argument("--divergence", choices=("hutchinson", "exact"), default="hutchinson", help="divergence estimator")
     p.add_argument("--probes", type=positive_int, default=1, help="Hutchinson probes per step")
-    p.add_argument("--draws", type=positive_int, default=1, help="uniform dequantisation draws per image (averaged)")
-    p.add_argument("--seed", type=seed, default=0, help="seed of all noise (with each image's index)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (cuda:LOCAL_RANK under torchrun) or cuda:N")
+    p.add_argument("--draws", type=positive_int, default=_api_default("draws"), help="uniform dequantisation draws per image (averaged)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (default: %(default)s, i.e. sized to the free memory)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (GPU)")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast for the network (GPU; see docs/scale.md for the tolerance)")

@@ -32,7 +32,7 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training import train
+    from ..bundled.training import train
 
     res = train(args.preset, args.out, resume=not args.restart, max_minutes=args.max_minutes, steps=args.steps, threads=args.threads)
     print(f"step {res.step}/{res.steps}, last loss {res.last_loss:.4f}, {res.total_minutes:.1f} min in total; weights: {res.weights}")
