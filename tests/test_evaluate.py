@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import math
 import os
 import signal
@@ -22,6 +23,8 @@ from diffdensity.cli import main as cli_main
 from diffdensity.scoring import keys as rng
 from diffdensity.scoring import score_dataset
 from diffdensity.scoring.probes import PerSampleHutchinson
+from diffdensity.scoring.inputs import pixel_id
+from diffdensity.scoring.rows import COLUMNS
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -77,12 +80,17 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def nfe(row: dict) -> int:
+    """All network passes of a row."""
+    return sum(int(row[f"nfe_{k}"]) for k in ("forward", "jvp", "vjp"))
+
+
 def assert_same_results(a: list[dict], b: list[dict], tol: float = 1e-9) -> None:
     assert [(r["index"], r["file"], r["status"]) for r in a] == [(r["index"], r["file"], r["status"]) for r in b]
     for x, y in zip(a, b):
         if x["status"] == "ok":
-            assert math.isclose(float(x["logp"]), float(y["logp"]), rel_tol=tol, abs_tol=tol), (x, y)
-            assert x["nfe"] == y["nfe"]
+            assert math.isclose(float(x["logp_nats"]), float(y["logp_nats"]), rel_tol=tol, abs_tol=tol), (x, y)
+            assert nfe(x) == nfe(y)
 
 
 @pytest.fixture(scope="module")
@@ -155,12 +163,14 @@ def test_rows_match_log_likelihood_of_the_dequantised_point(model, images, tmp_p
     row = res.rows[1]
     assert row["file"] == str(files[1])
     u = torch.from_numpy(np.array(PIL.open(row["file"]))).permute(2, 0, 1)[None].to(torch.float64)
-    noise = rng.uniform(rng.sample_keys(0, rng.STREAM_DEQUANT, torch.tensor([1]), torch.tensor([0])), u.numel())
-    x = (2 * (u + noise.reshape(u.shape)) / 256 - 1).float()
+    assert row["sha256"] == hashlib.sha256(files[1].read_bytes()).hexdigest()
+    key = torch.tensor([pixel_id(u[0].to(torch.uint8).numpy())])  # the noise is keyed by the content, not the position
+    noise = rng.uniform(rng.sample_keys(0, rng.STREAM_DEQUANT, key, torch.tensor([0])), u.numel())
+    x = dd.likelihood.dequantize(u, noise.reshape(u.shape)).float()
     direct = dd.log_likelihood(model, x, steps=4, solver="heun", divergence=dd.Exact(mode="reverse"))
-    assert math.isclose(float(row["logp"]), float(direct.logp), rel_tol=1e-12)
+    assert math.isclose(float(row["logp_nats"]), float(direct.logp), rel_tol=1e-12)
     assert math.isclose(float(row["bpd"]), -float(direct.logp) / (x.numel() * math.log(2)) + 7, rel_tol=1e-12)
-    assert int(row["nfe"]) == direct.nfe.total
+    assert (int(row["nfe_forward"]), int(row["nfe_jvp"]), int(row["nfe_vjp"])) == (direct.nfe.forward, direct.nfe.jvp, direct.nfe.vjp)
     assert torch.allclose(res.bpd, -res.logp / (x.numel() * math.log(2)) + 7)
 
 
@@ -170,7 +180,7 @@ def test_results_do_not_depend_on_batch_size(model, images, tmp_path, options):
     for bs in (1, 3, N_IMAGES):
         score_dataset(model, images, tmp_path / f"bs{bs}.csv", batch_size=bs, **options, **OPTS)
         outs.append(read_csv(tmp_path / f"bs{bs}.csv"))
-    assert outs[0][0]["logp"] != ""
+    assert outs[0][0]["logp_nats"] != ""
     for other in outs[1:]:
         assert_same_results(outs[0], other)
 
@@ -179,7 +189,7 @@ def test_tensor_dataset_matches_files(model, images, reference, tmp_path):
     data = torch.stack([torch.from_numpy(np.array(PIL.open(p))).permute(2, 0, 1) for p in sorted(images.iterdir())])
     res = score_dataset(model, data, tmp_path / "tensor.csv", **OPTS)
     assert [r["file"] for r in res.rows] == [""] * N_IMAGES
-    assert torch.allclose(res.logp, torch.tensor([float(r["logp"]) for r in reference], dtype=torch.float64), rtol=1e-12)
+    assert torch.allclose(res.logp, torch.tensor([float(r["logp_nats"]) for r in reference], dtype=torch.float64), rtol=1e-12)
     with pytest.raises(ValueError, match="0, 255"):
         score_dataset(model, data.float() + 0.5, tmp_path / "bad.csv", **OPTS)
 
@@ -198,8 +208,9 @@ def test_bad_images_are_reported_and_skipped(model, images, reference, tmp_path,
     assert sum(s == "ok" for s in status.values()) == N_IMAGES
     assert res.exit_code == 1 and res.n_failed == 3
     ok = [r for r in rows if r["status"] == "ok"]
-    # the good images keep their numbers except for the index shift (seeded by index): same files, other noise
+    # the good images keep their numbers although their positions moved (noise keyed by content)
     assert [r["file"] for r in ok] == [r["file"] for r in reference]
+    assert [r["logp_nats"] for r in ok] == [r["logp_nats"] for r in reference]
     err = capsys.readouterr().err
     assert "3 failed" in err and "img_003b.png" in err and "img_005b.png" in err and "8x9" in err
 
@@ -257,7 +268,7 @@ def test_changed_settings_refuse_to_resume(model, images, reference, tmp_path):
     with pytest.raises(ValueError, match="steps"):
         score_dataset(model, images, out, **{**OPTS, "steps": 5})
     res = score_dataset(model, images, out, overwrite=True, **{**OPTS, "steps": 5})
-    assert res.computed == N_IMAGES and read_csv(out)[0]["logp"] != reference[0]["logp"]
+    assert res.computed == N_IMAGES and read_csv(out)[0]["logp_nats"] != reference[0]["logp_nats"]
     (tmp_path / "foreign.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="meta.json"):
         score_dataset(model, images, tmp_path / "foreign.csv", **OPTS)
@@ -309,7 +320,7 @@ def test_killed_process_resumes_without_loss(model, images, reference, tmp_path)
     rows = read_csv(out)
     assert [int(r["index"]) for r in rows] == list(range(N_IMAGES))  # no duplicates, none missing
     assert_same_results(rows, reference)
-    assert all(line.count(b",") >= 6 for line in data.split(b"\n")[1:-1])  # whole lines only
+    assert all(line.count(b",") >= len(COLUMNS) - 1 for line in data.split(b"\n")[1:-1])  # whole lines only
 
 
 # -- command line ------------------------------------------------------------------------
@@ -332,7 +343,7 @@ def test_cli_logp(tmp_path, capsys):
     assert args.func(args) == 1
     rows = read_csv(out)
     assert [r["status"] for r in rows] == ["unreadable", "wrong_shape", "ok", "ok", "ok", "ok"]
-    assert rows[2]["nfe"] == "3"
+    assert nfe(rows[2]) == 3
     err = capsys.readouterr().err
     assert "broken.jpg" in err and "gray.png" in err and "2 failed" in err
 

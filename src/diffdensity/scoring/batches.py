@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -22,7 +23,7 @@ from .inputs import Source
 from .keys import STREAM_DEQUANT, STREAM_PROBES, sample_keys, uniform
 from .probes import PerSampleHutchinson
 
-__all__ = ["Scorer", "Batches", "Prefetch"]
+__all__ = ["Scorer", "Scored", "Batches", "Prefetch"]
 
 
 class Scorer:
@@ -37,10 +38,14 @@ class Scorer:
         self.est = PerSampleHutchinson(probes, noise=noise, mode=ad_mode) if hutchinson else Exact(mode=ad_mode)
         self.rows_per_image = draws * (probes if hutchinson else 1)
 
-    def __call__(self, images: Tensor, index: Tensor) -> tuple[Tensor, int]:
-        """``images`` uint8 ``(b, *event)`` and ``index`` int64 ``(b,)`` -> (logp float64 ``(b,)``, NFE per image)."""
+    def __call__(self, images: Tensor, ids: Tensor) -> Scored:
+        """``images`` uint8 ``(b, *event)`` and their content ids int64 ``(b,)`` -> :class:`Scored`.
+
+        The dequantisation noise and the probes of image ``j`` are functions of
+        ``(seed, ids[j], draw, step)`` only (see :mod:`.keys`).
+        """
         b, dev = images.shape[0], images.device
-        idx = index.to(dev).repeat(self.draws)
+        idx = ids.to(dev).repeat(self.draws)
         draw = torch.arange(self.draws, device=dev).repeat_interleave(b)
         noise = uniform(sample_keys(self.seed, STREAM_DEQUANT, idx, draw), self.dim)
         u = images.to(torch.float64).repeat(self.draws, *([1] * len(self.event_shape)))
@@ -48,7 +53,28 @@ class Scorer:
         if isinstance(self.est, PerSampleHutchinson):
             self.est.bind(sample_keys(self.seed, STREAM_PROBES, idx, draw))
         res = log_likelihood(self.model, x, steps=self.steps, solver=self.solver, grid=self.grid, divergence=self.est)
-        return res.logp.reshape(self.draws, b).mean(0).cpu(), res.nfe.total * self.draws
+        logp = res.logp.reshape(self.draws, b).mean(0).cpu()
+        se = getattr(res, "stderr", None)  # per draw; the mean of the draws has sqrt(sum se_d^2) / draws
+        se = torch.full_like(logp, math.nan) if se is None else se.reshape(self.draws, b).square().sum(0).sqrt().cpu() / self.draws
+        n = res.nfe
+        return Scored(logp, se, (n.forward * self.draws, n.jvp * self.draws, n.vjp * self.draws))
+
+
+@dataclass
+class Scored:
+    """Results of a batch: ``logp`` float64 ``(b,)`` nats, its standard error ``se`` ``(b,)`` (NaN: unknown)
+    and the network passes per image ``nfe = (forward, jvp, vjp)``."""
+
+    logp: Tensor
+    se: Tensor
+    nfe: tuple[int, int, int]
+
+    def __getitem__(self, sel: slice) -> "Scored":
+        return Scored(self.logp[sel], self.se[sel], self.nfe)
+
+    @staticmethod
+    def cat(a: "Scored", b: "Scored") -> "Scored":
+        return Scored(torch.cat([a.logp, b.logp]), torch.cat([a.se, b.se]), a.nfe)
 
 
 class Batches:
@@ -74,28 +100,27 @@ class Batches:
         self.size = max(1, min(size, n_todo)) if n_todo else size
         self.pad_to = self.size if compile else None
 
-    def score(self, images: Tensor, index: list[int]) -> tuple[Tensor, int]:
-        """``(logp (b,), NFE per image)`` of a batch; on a GPU's first batch, size the later ones."""
+    def score(self, images: Tensor, ids: list[int]) -> Scored:
+        """The :class:`Scored` results of a batch (content ids ``ids``); on a GPU's first batch, size the later ones."""
         if not self.measuring:
-            return self._score(images, index)
+            return self._score(images, ids)
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
-        out = self._score(images, index)
-        per_image = max(1, (torch.cuda.max_memory_allocated(self.device) - base) // len(index))
+        out = self._score(images, ids)
+        per_image = max(1, (torch.cuda.max_memory_allocated(self.device) - base) // len(ids))
         self.size = int(max(1, min(GPU_MAX_BATCH, 0.8 * available_memory(self.device) // per_image)))
         self.pad_to = self.size if self.compile else None
         self.measuring = False
         return out
 
-    def _score(self, images: Tensor, index: list[int]) -> tuple[Tensor, int]:
-        n = len(index)
-        idx = torch.tensor(index, dtype=torch.int64)
+    def _score(self, images: Tensor, ids: list[int]) -> Scored:
+        n = len(ids)
+        idx = torch.tensor(ids, dtype=torch.int64)
         if self.pad_to is not None and n < self.pad_to:  # one shape for compiled networks; extra rows are dropped
             images = torch.cat([images, images[-1:].expand(self.pad_to - n, *images.shape[1:])])
             idx = torch.cat([idx, idx[-1:].expand(self.pad_to - n)])
         try:
-            logp, nfe = self.scorer(images.to(self.device), idx.to(self.device))
-            return logp[:n], nfe
+            return self.scorer(images.to(self.device), idx.to(self.device))[:n]
         except Exception as e:
             if not is_oom(e) or n == 1:
                 raise
@@ -104,9 +129,7 @@ class Batches:
         half = n // 2
         self.size = max(1, min(self.size, half))
         self.pad_to = None if self.pad_to is None else self.size
-        a, nfe = self._score(images[:half], index[:half])
-        b, _ = self._score(images[half:n], index[half:])
-        return torch.cat([a, b]), nfe
+        return Scored.cat(self._score(images[:half], ids[:half]), self._score(images[half:n], ids[half:]))
 
 
 class Prefetch:
@@ -120,6 +143,6 @@ class Prefetch:
         """Start loading the next batch (of the current batch size); ``None`` when all are taken."""
         if self.pos >= len(self.todo):
             return None
-        index = self.todo[self.pos : self.pos + self.batches.size]
-        self.pos += len(index)
-        return self.pool.submit(self.source.load, index)
+        positions = self.todo[self.pos : self.pos + self.batches.size]
+        self.pos += len(positions)
+        return self.pool.submit(self.source.load, positions)

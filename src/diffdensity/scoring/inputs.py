@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -11,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["IMAGE_SUFFIXES", "list_images", "read_image", "Source", "FileSource", "TensorSource", "first_image_shape"]
+__all__ = ["IMAGE_SUFFIXES", "list_images", "read_image", "decode_image", "pixel_id", "Batch", "Source", "FileSource", "TensorSource", "first_image_shape"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -20,7 +22,9 @@ def list_images(inputs: str | os.PathLike | Sequence[str | os.PathLike], *, recu
     """Files in input order: a folder expands to its PNG/JPEG files, sorted by path.
 
     Files named explicitly are kept whatever their suffix (and reported later if they
-    cannot be read); ``recursive`` also descends into sub-folders.
+    cannot be read); ``recursive`` also descends into sub-folders. A file named twice
+    is listed once. Raises ``FileNotFoundError`` for a folder without images and for an
+    empty list.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -29,10 +33,16 @@ def list_images(inputs: str | os.PathLike | Sequence[str | os.PathLike], *, recu
         path = Path(item)
         if path.is_dir():
             found = path.rglob("*") if recursive else path.iterdir()
-            files += sorted(str(p) for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            images = sorted(str(p) for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not images:
+                where = "it or its sub-folders" if recursive else "it (--recursive also searches sub-folders)"
+                raise FileNotFoundError(f"folder {path} holds no PNG/JPEG images: no {', '.join(IMAGE_SUFFIXES)} files in {where}")
+            files += images
         else:
             files.append(str(path))
-    return files
+    if not files:
+        raise FileNotFoundError("no inputs: give image files or folders")
+    return list(dict.fromkeys(files))
 
 
 _CHANNEL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
@@ -40,10 +50,19 @@ _CHANNEL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
 def read_image(path: str, event_shape: tuple[int, ...]) -> tuple[np.ndarray | None, str, str]:
     """``(uint8 (C, H, W) array or None, status, message)`` for one file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        return None, "unreadable", f"{type(e).__name__}: {e}"
+    return decode_image(data, event_shape)
+
+
+def decode_image(data: bytes, event_shape: tuple[int, ...]) -> tuple[np.ndarray | None, str, str]:
+    """``(uint8 (C, H, W) array or None, status, message)`` for the bytes of one PNG/JPEG file."""
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im.load()  # decode everything now: truncated or corrupt data fails here
             mode = im.mode
             if mode == "P":
@@ -64,8 +83,34 @@ def read_image(path: str, event_shape: tuple[int, ...]) -> tuple[np.ndarray | No
     return np.ascontiguousarray(arr.transpose(2, 0, 1)), "ok", ""
 
 
+def _pixel_hash(arr: np.ndarray) -> str:
+    return hashlib.sha256(repr(tuple(arr.shape)).encode() + np.ascontiguousarray(arr, dtype=np.uint8).tobytes()).hexdigest()
+
+
+def pixel_id(arr: np.ndarray) -> int:
+    """The 63-bit id of an 8-bit image ``(C, H, W)`` that keys its random numbers (noise, probes).
+
+    A function of the shape and pixel values only: the same image gets the same noise
+    as a file (in any encoding, at any position) or as a tensor row.
+    """
+    return int(_pixel_hash(arr)[:16], 16) >> 1
+
+
+@dataclass
+class Batch:
+    """Loaded inputs: ``images`` uint8 ``(b, *event)`` of the positions ``ok``; ``failures[i] = (status, message)``;
+    ``hashes[i]``: SHA-256 hex digest of every input that could be read (decoded or not);
+    ``ids``: the :func:`pixel_id` of each decoded image (``ids[j]`` for ``ok[j]``)."""
+
+    images: Tensor
+    ok: list[int]
+    failures: dict[int, tuple[str, str]]
+    hashes: dict[int, str]
+    ids: list[int]
+
+
 class Source:
-    """Inputs by index: ``names[i]`` and ``load(indices) -> (uint8 (b, *event), ok_indices, failures)``."""
+    """Inputs by position: ``names[i]``, ``content_hash(i)`` and ``load(positions) -> Batch``."""
 
     names: list[str]
     event_shape: tuple[int, ...]
@@ -74,31 +119,57 @@ class Source:
     def __len__(self) -> int:
         return len(self.names)
 
-    def load(self, indices: list[int]) -> tuple[Tensor, list[int], dict[int, tuple[str, str]]]:
+    def content_hash(self, i: int) -> str | None:
+        """SHA-256 hex digest of input ``i`` as it is now (``None`` if it cannot be read)."""
+        raise NotImplementedError
+
+    def load(self, positions: list[int]) -> Batch:
         raise NotImplementedError
 
 
 class FileSource(Source):
+    """Image files; each is read once per load, hashed and decoded from the same bytes."""
+
     def __init__(self, files: list[str], event_shape: tuple[int, ...]):
         self.names, self.event_shape = files, event_shape
 
-    def load(self, indices):
-        arrays, ok, failures = [], [], {}
-        for i in indices:
-            arr, status, message = read_image(self.names[i], self.event_shape)
+    def content_hash(self, i: int) -> str | None:
+        h = hashlib.sha256()
+        try:
+            with open(self.names[i], "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        except OSError:
+            return None
+        return h.hexdigest()
+
+    def load(self, positions: list[int]) -> Batch:
+        arrays, ok, failures, hashes = [], [], {}, {}
+        for i in positions:
+            try:
+                data = Path(self.names[i]).read_bytes()
+            except OSError as e:
+                failures[i] = ("unreadable", f"{type(e).__name__}: {e}")
+                continue
+            hashes[i] = hashlib.sha256(data).hexdigest()
+            arr, status, message = decode_image(data, self.event_shape)
             if arr is None:
                 failures[i] = (status, message)
             else:
                 arrays.append(arr)
                 ok.append(i)
         images = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty(0, *self.event_shape, dtype=torch.uint8)
-        return images, ok, failures
+        return Batch(images, ok, failures, hashes, [pixel_id(a) for a in arrays])
 
 
 class TensorSource(Source):
+    """An 8-bit tensor ``(N, *event_shape)``; rows are hashed by their ``uint8`` values and shape."""
+
     def __init__(self, data: Tensor, event_shape: tuple[int, ...]):
         if data.ndim < 2 or tuple(data.shape[1:]) != tuple(event_shape):
             raise ValueError(f"data must have shape (N, *{tuple(event_shape)}), got {tuple(data.shape)}")
+        if data.shape[0] == 0:
+            raise ValueError("data holds no images (shape (0, ...)); pass at least one")
         u = data.detach().cpu()
         if u.is_floating_point():
             if not torch.isfinite(u).all() or (u != u.round()).any():
@@ -111,10 +182,14 @@ class TensorSource(Source):
         self.names = [""] * len(u)
         self.fingerprint = hashlib.sha256(self.data.numpy().tobytes()).hexdigest()
         self.fingerprint += f":{tuple(u.shape)}"
+        self._hashes = [_pixel_hash(row.numpy()) for row in self.data]
 
-    def load(self, indices):
-        return self.data[indices], list(indices), {}
+    def content_hash(self, i: int) -> str | None:
+        return self._hashes[i]
 
+    def load(self, positions: list[int]) -> Batch:
+        ids = [int(self._hashes[i][:16], 16) >> 1 for i in positions]
+        return Batch(self.data[positions], list(positions), {}, {i: self._hashes[i] for i in positions}, ids)
 
 
 def first_image_shape(files: list[str]) -> tuple[int, int, int]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -16,16 +18,15 @@ from ..likelihood import logp_to_bpd
 from ..schedules import GRIDS
 from ..solvers import TABLEAUX
 from .accel import prepare_model
-from .batches import Batches, Prefetch, Scorer
+from .batches import Batches, Prefetch, Scored, Scorer
 from .distributed import ProcessGroup
-from .inputs import FileSource, Source, TensorSource, first_image_shape, list_images
-from .plan import FORMAT, plan
+from .inputs import Batch, FileSource, Source, TensorSource, first_image_shape, list_images
+from .plan import FORMAT, Plan, plan
 from .result import EvaluationResult, report
+from .rows import COLUMNS, escape_name, row_key, seal, settings_digest
 from .shards import PartWriter, ShardedCSV
 
-__all__ = ["score_dataset", "COLUMNS", "FIXED_SOLVERS"]
-
-COLUMNS = ["index", "file", "logp", "bpd", "nfe", "status", "message"]
+__all__ = ["score_dataset", "FIXED_SOLVERS"]
 FIXED_SOLVERS = tuple(name for name, tab in TABLEAUX.items() if not tab.adaptive)
 
 
@@ -134,33 +135,60 @@ def _settings(model, *, steps, solver, grid, divergence, probes, noise, draws, s
     return settings, amp_dtype
 
 
+def _on_rank0(pg: ProcessGroup, fn: Callable[[], Any]) -> Any:
+    """``fn()`` run on rank 0, its result on every rank; its exception raised on every rank."""
+    value, error = None, None
+    if pg.rank == 0:
+        try:
+            value = fn()
+        except Exception as e:  # tell the other ranks instead of leaving them waiting
+            error = e
+    shared = pg.broadcast(None if pg.rank != 0 else (None if error else value, _describe(error)))
+    if error is not None:
+        raise error
+    if shared[1] is not None:
+        kind, message = shared[1]
+        raise kind(f"rank 0 could not start: {message}")
+    return value if pg.rank == 0 else shared[0]
+
+
+def _describe(e: Exception | None):
+    if e is None:
+        return None
+    kind = next(k for k in (ValueError, FileNotFoundError, OSError, RuntimeError, Exception) if isinstance(e, k))
+    return kind, str(e)
+
+
 def _make_source(pg: ProcessGroup, model, data, recursive: bool) -> Source:
-    """The inputs; rank 0 lists the files and every rank uses its list (same indices everywhere)."""
+    """The inputs; rank 0 lists the files and every rank uses its list (same positions everywhere)."""
     event_shape = getattr(model, "event_shape", None)
     if isinstance(data, Tensor):
         return TensorSource(data, tuple(event_shape) if event_shape is not None else tuple(data.shape[1:]))
-    listing = None
-    if pg.rank == 0:
+
+    def listing():
         files = list_images(data, recursive=recursive)
-        if event_shape is None:
-            event_shape = first_image_shape(files)
-        listing = (files, tuple(event_shape))
-    files, event_shape = pg.broadcast(listing)
-    if len(event_shape) != 3:
-        raise ValueError(f"the model's event shape {tuple(event_shape)} is not an image shape (C, H, W)")
-    return FileSource(files, event_shape)
+        return files, tuple(event_shape) if event_shape is not None else first_image_shape(files)
+
+    files, shape = _on_rank0(pg, listing)
+    if len(shape) != 3:
+        raise ValueError(f"the model's event shape {tuple(shape)} is not an image shape (C, H, W)")
+    return FileSource(files, shape)
 
 
-def _shared_plan(pg: ProcessGroup, store: ShardedCSV, source: Source, settings: dict, overwrite: bool):
-    """Rank 0 plans; every rank gets the list of indices to score (or the reason it cannot start)."""
-    fingerprints = pg.gather(source.fingerprint) if isinstance(source, TensorSource) else None
-    planned = plan(store, source, settings, overwrite, fingerprints) if pg.rank == 0 else None
-    shared = pg.broadcast(None if planned is None else {k: planned[k] for k in ("todo", "error", "value_error") if k in planned})
-    if "error" in shared:
-        if planned is not None:
-            raise planned["exc"]
-        raise (ValueError if shared["value_error"] else RuntimeError)(f"rank 0 could not start: {shared['error']}")
-    return planned, shared["todo"]
+def _shared_plan(pg: ProcessGroup, store: ShardedCSV, source: Source, settings: dict, overwrite: bool, lock: ExitStack):
+    """Rank 0 takes the output's lock and plans; every rank gets its ``(position, row index)`` work list."""
+    if isinstance(source, TensorSource):
+        fingerprints = pg.gather(source.fingerprint)
+        if pg.rank == 0 and len(set(fingerprints)) > 1:
+            raise ValueError("the ranks were given different data tensors; every rank must pass the same dataset")
+
+    def planning():
+        lock.enter_context(store.lock())
+        return plan(store, source, settings, overwrite)
+
+    planned = _on_rank0(pg, planning)
+    todo = pg.broadcast(planned.todo if pg.rank == 0 else None)
+    return planned, todo
 
 
 def _evaluate(
@@ -169,106 +197,118 @@ def _evaluate(
     source = _make_source(pg, model, data, recursive)
     settings = dict(settings, model=model_id, data=source.fingerprint, format=FORMAT)
     store = ShardedCSV(out, COLUMNS)
-    planned, todo = _shared_plan(pg, store, source, settings, overwrite)
-    mine = todo[pg.rank :: pg.world_size]
-    scorer = Scorer(
-        prepare_model(model, pg.device, amp=amp, compile=compile), source.event_shape,
-        steps=settings["steps"], solver=settings["solver"], grid=settings["grid"], divergence=settings["divergence"],
-        probes=settings["probes"], noise=settings["noise"], draws=settings["draws"], seed=settings["seed"], dtype=dtype,
-        ad_mode=ad_mode,
-    )  # fmt: skip
-    batches = Batches(scorer, pg.device, batch_size=batch_size, n_todo=len(mine), local_world=pg.local_world_size, compile=compile)
-    pg.barrier()  # a common start for the timing
-    start = time.perf_counter()
-    writer = store.open_part(pg.rank)
-    try:
-        my_rows, computed = _score_shard(source, mine, batches, writer, progress=progress and pg.rank == 0, world=pg.world_size)
-    finally:
-        writer.close()
-    gathered = pg.gather(dict(rows=my_rows, computed=computed))
-    summary, all_rows = None, []
-    if pg.rank == 0:
-        seconds = time.perf_counter() - start
-        summary, all_rows = _merge(store, source, planned, gathered, settings, pg.world_size, verbose=verbose)
-        summary.update(seconds=seconds, batch_size=batches.size)
-    summary = pg.broadcast(summary)  # the merged output is on disk: part files are redundant now
-    writer.path.unlink(missing_ok=True)
+    with ExitStack() as lock:
+        planned, todo = _shared_plan(pg, store, source, settings, overwrite, lock)
+        mine = todo[pg.rank :: pg.world_size]
+        scorer = Scorer(
+            prepare_model(model, pg.device, amp=amp, compile=compile), source.event_shape,
+            steps=settings["steps"], solver=settings["solver"], grid=settings["grid"], divergence=settings["divergence"],
+            probes=settings["probes"], noise=settings["noise"], draws=settings["draws"], seed=settings["seed"], dtype=dtype,
+            ad_mode=ad_mode,
+        )  # fmt: skip
+        batches = Batches(scorer, pg.device, batch_size=batch_size, n_todo=len(mine), local_world=pg.local_world_size, compile=compile)
+        pg.barrier()  # a common start for the timing
+        start = time.perf_counter()
+        writer = store.open_part(pg.rank)
+        shard = _Shard(source, dict(mine), settings_digest(settings), batches.scorer.dim)
+        try:
+            shard.run(batches, writer, progress=progress and pg.rank == 0, world=pg.world_size)
+        finally:
+            writer.close()
+        gathered = pg.gather(dict(rows=shard.rows, computed=shard.computed))
+        result = None
+        if pg.rank == 0:
+            seconds = time.perf_counter() - start
+            result = _merge(store, source, planned, gathered, settings, pg.world_size)
+            result.update(seconds=seconds, batch_size=batches.size, world_size=pg.world_size)
+    result = pg.broadcast(None if result is None else {k: v for k, v in result.items() if k != "rows"}) | (
+        {"rows": result["rows"]} if pg.rank == 0 else {"rows": []}
+    )
+    writer.path.unlink(missing_ok=True)  # the merged output is on disk: part files are redundant now
     try:
         store.parts_dir.rmdir()
     except OSError:
         pass
-    return EvaluationResult(
-        out=store.out, n_inputs=len(source), n_ok=summary["n_ok"], computed=summary["computed"],
-        resumed=summary["resumed"], failures=summary["failures"], seconds=summary["seconds"],
-        world_size=pg.world_size, batch_size=summary["batch_size"], settings=settings, rows=all_rows,
-    )  # fmt: skip
+    res = EvaluationResult(out=store.out, n_inputs=len(source), settings=settings, **result)
+    if verbose and pg.rank == 0:
+        report(res)
+    return res
 
 
-def _score_shard(source: Source, mine: list[int], batches: Batches, writer: PartWriter, *, progress: bool, world: int):
-    """Score this rank's inputs batch by batch, appending each batch's rows to ``writer``."""
-    from tqdm.auto import tqdm
+class _Shard:
+    """This rank's inputs, scored batch by batch; each batch's rows are appended to the part file."""
 
-    desc = f"logp rank 0/{world}" if world > 1 else "logp"
-    my_rows: list[dict[str, str]] = []
-    computed = 0
-    with tqdm(total=len(mine), unit="img", dynamic_ncols=True, disable=not progress, desc=desc) as bar:
-        with ThreadPoolExecutor(max_workers=1) as pool:  # decode the next batch while this one runs
-            prefetch = Prefetch(pool, source, mine, batches)
-            pending = prefetch.submit()
-            while pending is not None:
-                images, ok, failures = pending.result()
-                measuring = batches.measuring and bool(ok)  # the batch size is known after this batch
-                if not measuring:
-                    pending = prefetch.submit()
-                results: dict[int, tuple[float, int]] = {}
-                if ok:
-                    logp, nfe = batches.score(images, ok)
-                    results = {i: (lp, nfe) for i, lp in zip(ok, logp.tolist())}
-                if measuring:
-                    pending = prefetch.submit()
-                rows = _rows(source, results, failures, batches.scorer.dim)
-                writer.write_rows(rows)
-                my_rows += [{k: str(val) for k, val in r.items()} for r in rows]
-                computed += len(results)
-                bar.update(len(rows))
-    return my_rows, computed
+    def __init__(self, source: Source, index_of: dict[int, int], digest: str, dim: int):
+        self.source, self.index_of, self.digest, self.dim = source, index_of, digest, dim
+        self.rows: list[dict[str, str]] = []
+        self.computed = 0
+
+    def run(self, batches: Batches, writer: PartWriter, *, progress: bool, world: int) -> None:
+        from tqdm.auto import tqdm
+
+        desc = f"logp rank 0/{world}" if world > 1 else "logp"
+        positions = list(self.index_of)
+        with tqdm(total=len(positions), unit="img", dynamic_ncols=True, disable=not progress, desc=desc) as bar:
+            with ThreadPoolExecutor(max_workers=1) as pool:  # decode the next batch while this one runs
+                prefetch = Prefetch(pool, self.source, positions, batches)
+                pending = prefetch.submit()
+                while pending is not None:
+                    batch = pending.result()
+                    measuring = batches.measuring and bool(batch.ok)  # the batch size is known after this batch
+                    if not measuring:
+                        pending = prefetch.submit()
+                    scored = batches.score(batch.images, batch.ids) if batch.ok else None
+                    if measuring:
+                        pending = prefetch.submit()
+                    rows = self._rows(batch, scored)
+                    writer.write_rows(rows)
+                    self.rows += rows
+                    self.computed += len(batch.ok)
+                    bar.update(len(rows))
+
+    def _rows(self, batch: Batch, scored: Scored | None) -> list[dict[str, str]]:
+        """The sealed CSV rows of a batch: scored inputs and failed ones."""
+        rows = []
+        empty = dict(logp_nats="", logp_se_nats="", bpd="", nfe_forward=0, nfe_jvp=0, nfe_vjp=0)
+        for j, i in enumerate(batch.ok):
+            lp, se = float(scored.logp[j]), float(scored.se[j])
+            forward, jvp, vjp = scored.nfe
+            values = dict(
+                logp_nats=_fmt(lp), logp_se_nats="" if math.isnan(se) else _fmt(se), bpd=_fmt(logp_to_bpd(lp, self.dim)),
+                nfe_forward=forward, nfe_jvp=jvp, nfe_vjp=vjp, status="ok", message="",
+            )  # fmt: skip
+            if not (math.isfinite(lp) and math.isfinite(logp_to_bpd(lp, self.dim))):
+                values = dict(empty, status="non_finite", message=f"log-density {lp!r} is not finite")
+            rows.append(self._row(i, batch, values))
+        for i, (status, message) in batch.failures.items():
+            rows.append(self._row(i, batch, dict(empty, status=status, message=" ".join(message.split()))))
+        return rows
+
+    def _row(self, i: int, batch: Batch, values: dict) -> dict[str, str]:
+        name = escape_name(self.source.names[i])
+        return seal(dict(values, index=self.index_of[i], file=name, sha256=batch.hashes.get(i, "")), self.digest)
 
 
 def _fmt(x: float) -> str:
     return repr(float(x))
 
 
-def _rows(source: Source, results: dict[int, tuple[float, int]], failures: dict[int, tuple[str, str]], dim: int) -> list[dict]:
-    """The CSV rows of a batch, in index order: scored inputs and failed ones."""
-    rows = []
-    for i in sorted(list(results) + list(failures)):
-        if i in results:
-            lp, nfe = results[i]
-            rows.append(dict(index=i, file=source.names[i], logp=_fmt(lp), bpd=_fmt(logp_to_bpd(lp, dim)), nfe=nfe, status="ok", message=""))
-        else:
-            status, message = failures[i]
-            message = " ".join(message.split())  # one line per row, always
-            rows.append(dict(index=i, file=source.names[i], logp="", bpd="", nfe=0, status=status, message=message))
-    return rows
-
-
-def _merge(store: ShardedCSV, source: Source, planned: dict, gathered: list, settings: dict, world: int, *, verbose: bool):
-    """Rank 0: merge earlier and fresh rows into the output, record the settings, report."""
-    fresh = [r for g in gathered for r in g["rows"]]
-    fresh_idx = {int(r["index"]) for r in fresh}
-    resumed = [r for i, r in planned["done"].items() if i not in fresh_idx]
-    store.merge(resumed + fresh)
-    all_rows = sorted(resumed + fresh, key=lambda r: int(r["index"]))
-    failures = [(int(r["index"]), r["file"], r["status"], r["message"]) for r in all_rows if r["status"] != "ok"]
-    n_ok = len(all_rows) - len(failures)
-    summary: dict[str, Any] = dict(n_ok=n_ok, computed=sum(g["computed"] for g in gathered), resumed=len(resumed), failures=failures)
-    bpds = [float(r["bpd"]) for r in all_rows if r["status"] == "ok"]
-    mean_bpd = sum(bpds) / len(bpds) if bpds else None
+def _merge(store: ShardedCSV, source: Source, planned: Plan, gathered: list, settings: dict, world: int) -> dict[str, Any]:
+    """Rank 0: merge kept, resumed and fresh rows into the output and record the settings."""
+    fresh = {row_key(r["file"], r["index"]): r for g in gathered for r in g["rows"]}
+    resumed = {k: r for k, r in planned.done.items() if k not in fresh}
+    n_rows = store.merge([*planned.kept, *resumed.values(), *fresh.values()])
+    current = {**resumed, **fresh}
+    rows = [current[row_key(escape_name(name), i)] for i, name in enumerate(source.names)]
+    failures = [(int(r["index"]), r["file"], r["status"], r["message"]) for r in rows if r["status"] != "ok"]
+    n_ok = len(rows) - len(failures)
+    bpds = [float(r["bpd"]) for r in rows if r["status"] == "ok"]
     store.write_meta(dict(
-        format=FORMAT, settings=settings, n_inputs=len(source), state="complete", n_ok=n_ok,
-        n_failed=len(failures), mean_bpd=mean_bpd, world_size=world,
+        format=FORMAT, settings=settings, n_inputs=len(source), n_rows=n_rows, state="complete", n_ok=n_ok,
+        n_failed=len(failures), mean_bpd=sum(bpds) / len(bpds) if bpds else None, world_size=world,
     ))  # fmt: skip
     store.remove_parts()
-    if verbose:
-        report(store.out, len(source), summary, bpds, planned.get("skipped", 0))
-    return summary, all_rows
+    return dict(
+        n_ok=n_ok, computed=sum(g["computed"] for g in gathered), resumed=len(resumed), failures=failures, rows=rows,
+        problems=planned.problems, changed=planned.changed, n_rows=n_rows,
+    )  # fmt: skip

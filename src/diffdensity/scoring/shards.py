@@ -15,9 +15,9 @@ import io
 import json
 import os
 import shutil
-import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .._files import atomic_write, fsync_dir
 
@@ -34,7 +34,8 @@ class ShardedCSV:
     """Rows ``{column: str}`` keyed by an integer ``key`` column, written by many ranks.
 
     Files: the merged output ``out``, its settings ``out.meta.json`` and, while a job
-    runs, the part files ``out.parts/rank-NNNNN.csv`` (one per rank, append only).
+    runs, the part files ``out.parts/rank-NNNNN.csv`` (one per rank, append only) and
+    the lock ``out.lock`` (see :meth:`lock`).
     """
 
     def __init__(self, out: str | os.PathLike, columns: list[str], key: str = "index"):
@@ -69,46 +70,78 @@ class ShardedCSV:
     def part_files(self) -> list[Path]:
         return sorted(self.parts_dir.glob("rank-*.csv")) if self.parts_dir.exists() else []
 
-    def _parse(self, data: bytes) -> tuple[list[dict[str, str]], int]:
-        """Complete, well-formed rows of ``data``; a trailing line without newline is torn."""
+    def _parse(self, path: Path, data: bytes, validate: Callable[[dict], str | None]) -> tuple[list[dict[str, str]], list[str]]:
+        """Rows of ``data`` that ``validate`` accepts, and a ``"PATH line N: why"`` for each other line.
+
+        The header line is skipped; a last line without its newline is torn (a writer
+        was killed mid-line) and ignored.
+        """
         lines = data.split(b"\n")
-        torn = lines.pop() != b""  # text after the last newline (or b"" when it ends cleanly)
-        rows, bad = [], int(torn)
+        problems = []
+        if lines.pop() != b"":  # text after the last newline (or b"" when it ends cleanly)
+            problems.append(f"{path} line {len(lines) + 1}: incomplete last line (an interrupted write)")
         header = self.header.rstrip("\n")
-        for raw in lines:
+        rows = []
+        for number, raw in enumerate(lines, 1):
+            why = None
             try:
                 text = raw.decode()
             except UnicodeDecodeError:
-                bad += 1
+                text, why = "", "not UTF-8 text"
+            if text == header or (not text and why is None):
                 continue
-            if not text or text == header:
-                continue
-            fields = next(csv.reader([text]), [])
-            if len(fields) != len(self.columns):
-                bad += 1
-                continue
+            fields = next(csv.reader([text]), []) if why is None else []
+            if why is None and len(fields) != len(self.columns):
+                why = f"{len(fields)} fields, expected {len(self.columns)} ({', '.join(self.columns)})"
             row = dict(zip(self.columns, fields))
-            try:
-                int(row[self.key])
-            except ValueError:
-                bad += 1
-                continue
-            rows.append(row)
-        return rows, bad
+            why = why or validate(row)
+            if why:
+                problems.append(f"{path} line {number}: {why}")
+            else:
+                rows.append(row)
+        return rows, problems
 
-    def read_rows(self) -> tuple[list[dict[str, str]], int]:
-        """All complete rows of the output and the part files, and the count of skipped lines."""
-        rows, skipped = [], 0
+    def read_rows(self, validate: Callable[[dict], str | None] = lambda row: None) -> tuple[list[dict[str, str]], list[str]]:
+        """The accepted rows of the output, then of the part files, and what was wrong with the others."""
+        rows, problems = [], []
         for path in ([self.out] if self.out.exists() else []) + self.part_files():
             try:
                 data = path.read_bytes()
             except OSError as e:
-                print(f"warning: cannot read {path}: {e}", file=sys.stderr)
+                problems.append(f"{path}: cannot be read ({e})")
                 continue
-            r, bad = self._parse(data)
+            r, bad = self._parse(path, data, validate)
             rows += r
-            skipped += bad
-        return rows, skipped
+            problems += bad
+        return rows, problems
+
+    @contextmanager
+    def lock(self):
+        """Hold ``out.lock`` (``flock``) for one run; another run at the same output is refused."""
+        import fcntl
+
+        path = self.out.with_name(self.out.name + ".lock")
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise RuntimeError(
+                    f"{self.out} is being written by another run (it holds {path.name}); wait for it to finish or choose another output"
+                ) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino  # not a lock file another run just removed
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+            os.close(fd)
 
     # -- writing ----------------------------------------------------------------------
     def open_part(self, rank: int) -> "PartWriter":
@@ -117,13 +150,10 @@ class ShardedCSV:
         return PartWriter(self.parts_dir / f"rank-{rank:05d}.csv", self.columns, self.header)
 
     def merge(self, rows: Iterable[dict[str, str]]) -> int:
-        """Write ``rows`` (deduplicated by key, first wins) in key order to ``out`` atomically."""
-        by_key: dict[int, dict[str, str]] = {}
-        for row in rows:
-            by_key.setdefault(int(row[self.key]), row)
-        text = self.header + "".join(_csv_line(by_key[k][c] for c in self.columns) for k in sorted(by_key))
-        atomic_write(self.out, text)
-        return len(by_key)
+        """Write ``rows`` in the order of their integer ``key`` column to ``out`` atomically; returns their count."""
+        rows = sorted(rows, key=lambda r: int(r[self.key]))
+        atomic_write(self.out, self.header + "".join(_csv_line(r[c] for c in self.columns) for r in rows))
+        return len(rows)
 
     def remove_parts(self) -> None:
         shutil.rmtree(self.parts_dir, ignore_errors=True)
