@@ -13,6 +13,16 @@ Side by side in one run:
    tracking and ``pf-ode`` with (1 Hutchinson probe, forward- or reverse-mode) /
    without, on a small convolutional eps-network for 3x32x32 images; ``sde`` also on
    the mixture.
+4. **Consistency on the bundled model** (``patches16``, D = 768, a learned v-prediction
+   U-Net): for every method at 32 steps and at most 64 network passes per sample,
+   tracked log p against re-encoding the very same samples with ``log_likelihood``
+   (128 Heun steps, 4 probes): median and max |tracked - re-encoded| per method, the
+   integrators of this release (exponential Heun for ODE phases, ``tweedie-jvp`` for the
+   reverse SDE) beside the previous ones (Heun, ``tweedie``).
+5. **Where the gap comes from**: the same comparison at every step of the sampler,
+   re-encoding each intermediate state ``x_{t_i}`` from ``t_i`` up to ``t_max``
+   (one stacked PF-ODE on a grid twice as fine as the sampler's), drawn along logSNR
+   in ``docs/figures/tracking_gap_steps.png``.
 3. **High-density sampler** on a 32x32 "cartoon" mixture (smooth shapes as means, a
    1/f texture spectrum in the DCT basis as covariance, D = 1024): exact mean log p_0
    and per-sample variance across pixels as the logSNR threshold goes 8 -> 2, and the
@@ -20,7 +30,7 @@ Side by side in one run:
 
     python benchmarks/tracking.py              # everything
     python benchmarks/tracking.py --quick      # 256-step rows only, shorter timings
-    python benchmarks/tracking.py --only hd    # one section: errors | timing | hd
+    python benchmarks/tracking.py --only hd    # one section: errors | timing | hd | model | steps
 """
 
 from __future__ import annotations
@@ -75,8 +85,11 @@ def error_rows(gmm: dd.GaussianMixture, quick: bool) -> list[tuple[str, dict]]:
             rows.append((f"sde  ancestral       {steps}", dict(method="sde", solver="ancestral", steps=steps)))
         rows.append((f"sde  tweedie         {steps}", dict(method="sde", solver="tweedie", steps=steps)))
     rows += [(f"sde  tweedie         {s}", dict(method="sde", solver="tweedie", steps=s)) for s in (64, 128)]
+    rows += [(f"sde  tweedie-jvp     {s}", dict(method="sde", solver="tweedie-jvp", steps=s)) for s in (32, 64, 256)]
     rows += [
-        ("pf-ode  heun 64, 1 probe", dict(method="pf-ode", steps=64)),
+        ("pf-ode  heun 64, 1 probe", dict(method="pf-ode", solver="heun", steps=64)),
+        ("pf-ode  exp-heun 64, 1 probe", dict(method="pf-ode", solver="exp-heun", steps=64)),
+        ("pf-ode  exp-heun 32, 1 probe", dict(method="pf-ode", solver="exp-heun", steps=32)),
         ("hd (thr 2)  heun 64, 1 probe", dict(method="hd", log_snr_threshold=2.0, steps=64)),
         ("hd (thr 2, sde start)  64/tweedie", dict(method="hd", log_snr_threshold=2.0, start="sde", steps=64)),
         ("custom ODE (k=1.5)  heun 64", dict(method="custom", drift=scaled_drift(sched, 1.5), steps=64)),
@@ -94,6 +107,7 @@ def section_errors(n: int, quick: bool) -> None:
     print(f"1. Tracking error, {gmm!r}, {n} samples (built in {time.perf_counter() - t0:.0f} s)")
     print(f"   {'method':<36} {'mean |err|':>10} {'max |err|':>10} {'bias':>9} {'NFE per sample':>26} {'time s':>7}")
     prior = lambda z: gmm.log_prob(z, sched.t_max)  # noqa: E731
+    exponential_ode_solvers(gmm)
     results = {}
     for name, opts in error_rows(gmm, quick):
         t0 = time.perf_counter()
@@ -273,11 +287,177 @@ def plot_hd(path: Path, out, rows: int) -> None:
     plt.close(fig)
 
 
+# -- 4. consistency on the bundled model ------------------------------------------------------
+
+REENCODE = dict(steps=128, solver="heun", grid="log_snr", probes=4)  # pinned re-encoding settings
+
+
+def exponential_ode_solvers(model) -> str:
+    """Let ``sample(solver=...)`` name the exponential ODE solvers of ``diffdensity.expint``.
+
+    Where ``sample()`` does not dispatch them itself yet, its module-level ODE entry point
+    is routed through ``expint.integrate_ode`` for this process (the model's schedule
+    bound), which is what ``sample()`` does once it dispatches them.
+    """
+    from diffdensity import sampling
+    from diffdensity.expint import EXPONENTIAL_SOLVERS, integrate_ode
+
+    if set(EXPONENTIAL_SOLVERS) <= set(getattr(sampling, "TABLEAUX", {})) or hasattr(sampling, "integrate_ode"):
+        return "sample() dispatches the exponential solvers itself"
+    sampling.TABLEAUX = {**sampling.TABLEAUX, **{name: None for name in EXPONENTIAL_SOLVERS}}
+    sampling.odeint = lambda func, x, ts, **kw: integrate_ode(func, x, ts, schedule=model.schedule, **kw)
+    return "exponential solvers routed into sample() by this benchmark (diffdensity.expint.integrate_ode)"
+
+
+def model_rows(schedule) -> list[tuple[str, dict]]:
+    custom = dict(method="custom", drift=scaled_drift(schedule, 1.5))
+    custom_sde = dict(method="custom", drift=scaled_drift(schedule, 1.25), diffusion=gamma_diffusion(schedule, 0.5))
+    return [
+        ("pf-ode", dict(method="pf-ode", solver="exp-heun")),
+        ("sde", dict(method="sde", solver="tweedie-jvp")),
+        ("density-guidance q=0.5", dict(method="density-guidance", q=0.5, solver="exp-heun")),
+        ("density-guidance q=0.8", dict(method="density-guidance", q=0.8, solver="exp-heun")),
+        ("hd (threshold 2)", dict(method="hd", log_snr_threshold=2.0, solver="exp-heun")),
+        ("prior-guidance q=0.5", dict(method="prior-guidance", q=0.5, solver="exp-heun")),
+        ("custom ODE (k=1.5)", dict(custom, solver="exp-heun")),
+        ("stochastic-density-guidance", dict(method="stochastic-density-guidance", q=0.5, solver="euler-maruyama")),
+        ("custom SDE (gamma=.5)", dict(custom_sde, solver="euler-maruyama")),
+        ("pf-ode (heun, before)", dict(method="pf-ode", solver="heun")),
+        ("sde (tweedie, before)", dict(method="sde", solver="tweedie")),
+        ("density-guidance q=0.5 (heun, before)", dict(method="density-guidance", q=0.5, solver="heun")),
+    ]
+
+
+def section_model(n: int, only: str | None) -> None:
+    model = dd.load_pretrained("patches16")
+    note = exponential_ode_solvers(model)
+    sched = model.schedule
+    steps = 32
+    print(f"4. Tracked vs re-encoded log p on the bundled model patches16 (D = 768), {n} samples, {steps} steps; "
+          f"re-encoding {REENCODE}\n   ({note})")  # fmt: skip
+    x_T = sched.prior_sample((n, *model.event_shape), generator=torch.Generator().manual_seed(5))
+    runs = []
+    for name, opts in model_rows(sched):
+        if only and only not in name:
+            continue
+        t0 = time.perf_counter()
+        r = sample(model, x_T=x_T, steps=steps, generator=torch.Generator().manual_seed(1), **opts)
+        runs.append((name, r, time.perf_counter() - t0))
+    t0 = time.perf_counter()
+    xs = torch.cat([r.x for _, r, _ in runs])
+    lik = dd.log_likelihood(model, xs, generator=torch.Generator().manual_seed(0), **REENCODE)
+    ref_se = getattr(lik, "stderr", None)
+    print(f"   re-encoded {xs.shape[0]} samples in {time.perf_counter() - t0:.0f} s")
+    print(f"   {'method':<40} {'median |gap|':>12} {'max |gap|':>10} {'mean gap':>9} {'stderr':>7} {'passes/sample':>28}")
+    for k, (name, r, dt) in enumerate(runs):
+        sl = slice(k * n, (k + 1) * n)
+        gap = r.logp - lik.logp[sl]
+        se = torch.zeros(n, dtype=F64)
+        for part in (getattr(r, "logp_stderr", None), None if ref_se is None else ref_se[sl]):
+            if part is not None:
+                se = se + part.to(F64).square()
+        print(f"   {name:<40} {float(gap.abs().median()):>12.1f} {float(gap.abs().max()):>10.1f} {float(gap.mean()):>+9.1f} "
+              f"{float(se.sqrt().median()):>7.1f} {str(r.nfe):>28}", flush=True)  # fmt: skip
+    print()
+
+
+# -- 5. where the gap comes from ---------------------------------------------------------------
+
+
+def reference_path(model, xs: list, ts: torch.Tensor, *, fine: int = 2, probes: int = 2, seed: int = 0) -> torch.Tensor:
+    """``log p_{t_i}(x_i)`` ``(N + 1, B)`` for the states ``xs[i]`` at the decreasing times ``ts[i]`` (``ts[0] = t_max``).
+
+    One PF-ODE (Heun, Hutchinson) from the data end to ``t_max`` on the sampler's grid
+    refined ``fine`` times in logSNR; state ``i`` joins the batch at its own time.
+    """
+    from diffdensity.divergence import Hutchinson
+    from diffdensity.dynamics import PFODE
+
+    sched, n, b = model.schedule, len(ts) - 1, xs[0].shape[0]
+    lam = sched.log_snr(ts.to(F64))
+    pieces, join = [ts[n:]], {0: n}
+    for i in range(n - 1, -1, -1):
+        seg = sched.t_from_log_snr(lam[i + 1] + (lam[i] - lam[i + 1]) * torch.linspace(0, 1, fine + 1, dtype=F64)[1:])
+        seg[-1] = ts[i]
+        pieces.append(seg)
+        join[sum(len(p) for p in pieces) - 1] = i
+    grid = torch.cat(pieces)
+    dyn = PFODE(model, divergence=Hutchinson(probes))
+    dyn.reset(torch.Generator().manual_seed(seed))
+    x, lp, members = None, None, []
+    with torch.no_grad():
+        for j in range(len(grid)):
+            if j in join:
+                members.append(join[j])
+                xi, zero = xs[join[j]], torch.zeros(b, dtype=F64)
+                x, lp = (xi, zero) if x is None else (torch.cat([x, xi]), torch.cat([lp, zero]))
+            if j == len(grid) - 1:
+                break
+            h = float(grid[j + 1] - grid[j])
+            dyn.begin_step()
+            u1, r1 = dyn(grid[j], x)
+            u2, r2 = dyn(grid[j + 1], x + h * u1)
+            x, lp = x + 0.5 * h * (u1 + u2), lp + 0.5 * h * (r1 + r2)
+        ref = (sched.prior_log_prob(x) - lp).reshape(len(members), b)
+    out = torch.empty(n + 1, b, dtype=F64)
+    out[torch.tensor(members)] = ref
+    return out
+
+
+def section_steps(n: int, figure: Path | None) -> None:
+    model = dd.load_pretrained("patches16")
+    exponential_ode_solvers(model)
+    sched = model.schedule
+    x_T = sched.prior_sample((n, *model.event_shape), generator=torch.Generator().manual_seed(5))
+    runs = [("pf-ode, heun", dict(method="pf-ode", solver="heun")), ("pf-ode, exp-heun", dict(method="pf-ode", solver="exp-heun")),
+            ("sde, tweedie", dict(method="sde", solver="tweedie")), ("sde, tweedie-jvp", dict(method="sde", solver="tweedie-jvp"))]  # fmt: skip
+    print(f"5. Gap tracked - re-encoded along the trajectory, bundled model, {n} samples, 32 steps (re-encoding: Heun, 2x finer grid, 2 probes)")
+    out = []
+    for name, opts in runs:
+        xs: list = []
+        r = sample(model, x_T=x_T, steps=32, generator=torch.Generator().manual_seed(1), callback=lambda info: xs.append(info.x.clone()), **opts)
+        gap = r.logp_path - reference_path(model, xs, r.ts)
+        lam = sched.log_snr(r.ts)
+        out.append((name, lam, gap))
+        share = [float((gap[-1] - gap[(lam < thr).sum() - 1]).mean() / gap[-1].mean()) for thr in (5.0, 8.0)]
+        print(f"   {name:<18} final gap {', '.join(f'{float(g):+.1f}' for g in gap[-1])}; "
+              f"accumulated above logSNR 5: {100 * share[0]:.0f}%, above 8: {100 * share[1]:.0f}% of the mean", flush=True)  # fmt: skip
+    if figure is not None:
+        plot_steps(figure, out)
+        print(f"   wrote {figure}")
+    print()
+
+
+def plot_steps(path: Path, out) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.0))
+    for (name, lam, gap), color in zip(out, ("C0", "C0", "C3", "C3")):
+        style = "--" if ("heun" in name and "exp" not in name) or name.endswith("tweedie") else "-"
+        for j in range(gap.shape[1]):
+            ax.plot(lam.numpy(), gap[:, j].numpy(), style, color=color, alpha=0.8, lw=1.2, label=name if j == 0 else None)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xlabel("logSNR of the sampler's state (noise -> data)")
+    ax.set_ylabel("tracked - re-encoded log p_t(x_t) [nats]")
+    ax.set_title("patches16, 32 steps: where the gap accumulates", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=8, help="samples per row of the error table")
     p.add_argument("--quick", action="store_true", help="256-step rows only, shorter timings")
-    p.add_argument("--only", choices=("errors", "timing", "hd"), help="run one section")
+    p.add_argument("--only", choices=("errors", "timing", "hd", "model", "steps"), help="run one section")
+    p.add_argument("--model-n", type=int, default=6, help="samples per method on the bundled model (sections model, steps: 2)")
+    p.add_argument("--rows", default="", help="section model: only the methods whose name contains this")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--figure", default=str(ROOT / "docs" / "figures" / "hd_threshold.png"), help="HD figure path ('' to skip)")
     a = p.parse_args()
@@ -291,6 +471,10 @@ def main() -> None:
         section_timing(a.quick)
     if a.only in (None, "hd"):
         section_hd(16, Path(a.figure) if a.figure else None)
+    if a.only in (None, "model"):
+        section_model(a.model_n, a.rows)
+    if a.only in (None, "steps"):
+        section_steps(2, ROOT / "docs" / "figures" / "tracking_gap_steps.png" if a.figure else None)
     print(f"total {time.perf_counter() - t0:.0f} s")
 
 

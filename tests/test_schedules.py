@@ -245,3 +245,21 @@ def test_view_reshapes_all_values():
 def test_constructor_errors(factory, match):
     with pytest.raises(ValueError, match=match):
         factory()
+
+
+@pytest.mark.parametrize("name", SCHEDULE_NAMES)
+def test_transition_kernel_closed_form_and_composition(name):
+    """``(a, c)`` of q(x_t | x_s): a = alpha_t / alpha_s, c = sigma_t^2 - a^2 sigma_s^2 (docs/math.md s.10),
+    zero at t = s, and two steps compose: a_rt = a_rs a_st, c_rt = a_st^2 c_rs + c_st."""
+    sched = make_schedule(name)
+    lo, hi = sched.t_min, sched.t_max
+    r, s, t = (lo + (hi - lo) * u for u in (0.2, 0.45, 0.7))
+    a, c = sched.transition(s, t)
+    vs, vt = sched(torch.tensor(s, dtype=torch.float64)), sched(torch.tensor(t, dtype=torch.float64))
+    assert a == pytest.approx(float(vt.alpha / vs.alpha), rel=1e-12)
+    assert c == pytest.approx(float(vt.sigma**2 - a**2 * vs.sigma**2), rel=1e-9)
+    assert sched.transition(s, s) == (pytest.approx(1.0), 0.0)
+    a_rs, c_rs = sched.transition(r, s)
+    a_rt, c_rt = sched.transition(r, t)
+    assert a_rt == pytest.approx(a_rs * a, rel=1e-12)
+    assert c_rt == pytest.approx(a**2 * c_rs + c, rel=1e-9)

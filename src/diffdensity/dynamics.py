@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .divergence import DivergenceEstimator, model_fn
+from .divergence import DivergenceEstimator, jacobian_vector_product, model_fn
 from .kernels import GaussianKernel, tweedie_kernel
 from .models import NFE, Model
 
@@ -100,6 +100,18 @@ class Dynamics:
         if self.divergence is None:
             raise RuntimeError("this dynamics needs a divergence estimator")
         return self.divergence(model_fn(self.model, self._t(t, x), self.cond), x, self.nfe)
+
+    def divergence_var(self) -> Tensor | None:
+        """Variance ``(B,)`` of the last ``div s`` estimate (its probes' mean), or ``None``.
+
+        From the per-probe estimates of that call when there are ``P >= 2`` probes
+        (sample variance / ``P``, docs/math.md s.9); ``None`` for one probe or an exact
+        divergence.
+        """
+        samples = getattr(self.divergence, "last_samples", None)
+        if samples is None or samples.ndim != 2 or samples.shape[0] < 2:
+            return None
+        return samples.to(torch.float64).var(0) / samples.shape[0]
 
     def __call__(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError
@@ -259,7 +271,7 @@ class SDEDynamics(Dynamics):
     def terms(self, t: Tensor, x: Tensor) -> SDETerms:
         raise NotImplementedError
 
-    def kernel(self, t: float, t_next: float, x: Tensor, scheme: str) -> GaussianKernel:
+    def kernel(self, t: float, t_next: float, x: Tensor, scheme: str, generator: torch.Generator | None = None) -> GaussianKernel:
         """The Gaussian reverse kernel of ``scheme`` from ``(t, x)`` to ``t_next`` (dynamics that have one)."""
         raise NotImplementedError(f"{type(self).__name__} has no Gaussian reverse kernel; its schemes: {self.schemes}")
 
@@ -284,12 +296,22 @@ class ReverseSDE(SDEDynamics):
     Bayes-rule integrators of :mod:`diffdensity.sde` use.
     """
 
-    schemes = ("tweedie", "ancestral", "euler-maruyama")
+    schemes = ("tweedie", "tweedie-jvp", "ancestral", "euler-maruyama")
 
-    def kernel(self, t: float, t_next: float, x: Tensor, scheme: str) -> GaussianKernel:
-        """``N(m, v I)`` of :func:`~diffdensity.kernels.tweedie_kernel` from one score pass at ``(t, x)``."""
-        s = self.score(torch.tensor(t, dtype=torch.float64), x)
-        return tweedie_kernel(self.schedule, t, t_next, x, s, scheme)
+    def kernel(self, t: float, t_next: float, x: Tensor, scheme: str, generator: torch.Generator | None = None) -> GaussianKernel:
+        """``N(m, v I)`` of :func:`~diffdensity.kernels.tweedie_kernel` from one network pass at ``(t, x)``.
+
+        ``"tweedie-jvp"`` draws a Rademacher probe from ``generator`` (tracked or not, so
+        that the samples do not depend on tracking) and makes the pass a JVP.
+        """
+        tt = torch.tensor(t, dtype=torch.float64)
+        if scheme != "tweedie-jvp":
+            return tweedie_kernel(self.schedule, t, t_next, x, self.score(tt, x), scheme)
+        device = generator.device if generator is not None else x.device
+        e = (torch.randint(0, 2, x.shape, generator=generator, device=device).to(x.dtype) * 2 - 1).to(x.device)
+        s, je, _ = jacobian_vector_product(model_fn(self.model, self._t(tt, x), self.cond), x, e)
+        self.nfe.jvp += 1
+        return tweedie_kernel(self.schedule, t, t_next, x, s, scheme, probe=(e, je))
 
     def terms(self, t: Tensor, x: Tensor) -> SDETerms:
         sv = self.schedule(t)
@@ -357,4 +379,6 @@ class CustomSDE(SDEDynamics):
             # D f + f x.s - s.u, written as D f - s.(u - f x) to avoid cancellation
             rate = dim * sv.f - _dot(s64, u.to(torch.float64) - sv.f * x64)
             rate = rate - 0.5 * sv.g2 * (lap + _dot(s64, s64)) + 0.5 * phi**2 * lap
-        return SDETerms(u, phi, s, rate)
+        var = self.divergence_var() if lap is not None else None
+        rate_var = None if var is None else (0.5 * (phi**2 - sv.g2)) ** 2 * var
+        return SDETerms(u, phi, s, rate, rate_var=rate_var)

@@ -278,7 +278,10 @@ class StochasticDensityGuidance(_EtaGuard, SDEDynamics):
         def project(dw: Tensor) -> Tensor:
             return _expand(phi, dw) * (dw - unit * _expand(_dot(unit, dw), dw))
 
-        return SDETerms(u, phi, s, rate, noise_fn=project)
+        var = self.divergence_var() if rate is not None else None
+        # the rate's div s terms add up to -(1/2) g^2 div s (the drift correction cancels the noise's)
+        rate_var = None if var is None else (0.5 * sv.g2) ** 2 * var
+        return SDETerms(u, phi, s, rate, noise_fn=project, rate_var=rate_var)
 
 
 # -- sampling methods ---------------------------------------------------------------------
