@@ -215,3 +215,17 @@ def test_progress_prints_one_line_per_phase_off_a_terminal():
     p.close()
     lines = buf.getvalue().splitlines()
     assert len(lines) == 1 and lines[0].startswith("phase A: 4/4 steps")
+
+
+def test_check_reencodes_samples_and_reports_the_gap(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "s"
+    assert main(["sample", "--model", "gmm:mix64", "-n", "3", "--steps", "16", "--check", "2", "--out", str(out)]) == 0
+    table = rows(out / "samples.csv")
+    assert table[0]["gap_nats"] and table[1]["gap_nats"] and table[2]["gap_nats"] == ""
+    gap = float(table[0]["logp_nats"]) - float(table[0]["reencoded_logp_nats"])
+    assert float(table[0]["gap_nats"]) == pytest.approx(gap, abs=1e-5)
+    assert json.loads((out / "samples.json").read_text())["consistency"]["samples"] == 2
+    assert "re-encoded" in capsys.readouterr().out
+    assert main(["sample", "--model", "gmm:mix64", "-n", "3", "--check", "2", "--no-track", "--out", str(out)]) == 2

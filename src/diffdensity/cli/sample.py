@@ -82,6 +82,8 @@ def register(sub) -> argparse.ArgumentParser:
     s.add_argument("--noise", choices=["early", "late"], default=None, help="noise window of stochastic density guidance")
     s.add_argument("--no-track", action="store_true", help="do not track the log-density")
     s.add_argument("--probes", type=positive_int, default=1, help="Hutchinson probes per step for tracking")
+    s.add_argument("--check", type=positive_int, default=None, metavar="N",
+                   help="re-encode the first N samples with the PF-ODE and report the gap to their tracked log-density")
     s.add_argument("--out", default="out/samples", help="output folder (PNG files, grid.png and samples.csv)")
     s.set_defaults(func=run)
     return s
@@ -124,7 +126,11 @@ def resolve_steps(args: argparse.Namespace) -> int:
 
 
 def check_ignored(args: argparse.Namespace) -> None:
-    """Warn about options that this combination of flags does not use."""
+    """Refuse flags that contradict each other; warn about options that this combination does not use."""
+    if args.check is not None and args.no_track:
+        raise CliError("--check compares tracked log-densities: drop --no-track", 2)
+    if args.check is not None and args.check > args.n:
+        raise CliError(f"--check {args.check} exceeds -n {args.n}; re-encode at most -n samples", 2)
     if args.probes != 1 and args.no_track:
         warn("sample", f"--probes {args.probes} is ignored with --no-track (nothing is tracked)")
     elif args.probes != 1 and args.method == "sde":
@@ -150,7 +156,13 @@ def run(args: argparse.Namespace) -> int:
                             probes=args.probes, generator=generator(args.seed + 1), **opts)
     seconds = time.perf_counter() - t0
     names = write_images(out, res.x, shape)
-    summary = write_samples(out, args, res, names, seconds)
+    report = None
+    if args.check is not None:
+        from ..consistency import check_consistency
+
+        report = check_consistency(model, res, n=args.check, generator=generator(args.seed + 2))
+        print("\n".join(report.lines()))
+    summary = write_samples(out, args, res, names, seconds, report)
     mean = "" if res.logp is None else f", mean log p {summary['mean_logp_nats']:.1f} nats ({summary['mean_bits_per_dim']:.3f} bits/dim)"
     print(f"{args.n} samples with {args.method} ({res.nfe} passes per sample){mean}; wrote {out}/samples.csv, samples.json")
     return 0
@@ -170,8 +182,9 @@ def write_images(out: Path, x, shape) -> list[str]:
     return names
 
 
-def write_samples(out: Path, args: argparse.Namespace, res, names: list[str], seconds: float) -> dict:
-    """``samples.csv`` (one row per sample, units in the header) and ``samples.json`` (settings, means, passes)."""
+def write_samples(out: Path, args: argparse.Namespace, res, names: list[str], seconds: float, report=None) -> dict:
+    """``samples.csv`` (one row per sample, units in the header) and ``samples.json`` (settings, means, passes);
+    with a consistency ``report``, the re-encoded log-density and the gap of the samples it covers."""
     from ..likelihood import logp_to_bpd
 
     dim = math.prod(res.x.shape[1:])
@@ -183,8 +196,15 @@ def write_samples(out: Path, args: argparse.Namespace, res, names: list[str], se
         cells = ["", "", ""] if lp is None else [f"{float(lp[i]):.6f}", "" if se is None else f"{float(se[i]):.6g}", f"{float(bpd[i]):.6f}"]
         rows.append([name, *cells, *nfe_columns(res.nfe)])
     header = ["sample", "logp_nats", "logp_stderr_nats", "bits_per_dim", *NFE_HEADER]
+    if report is not None:
+        header += ["reencoded_logp_nats", "gap_nats", "gap_stderr_nats"]
+        checked = {int(i): (float(r), float(g), float(e)) for i, r, g, e in zip(report.index, report.reencoded, report.gap, report.gap_stderr)}
+        rows = [row + ([f"{v:.6f}" for v in checked[i]] if i in checked else ["", "", ""]) for i, row in enumerate(rows)]
     summary = {"command": "sample", "settings": settings_of(args), "steps": res.steps, "nfe_per_sample": nfe_dict(res.nfe), "seconds": round(seconds, 3),
                "mean_logp_nats": None if lp is None else float(lp.mean()), "mean_bits_per_dim": None if bpd is None else float(bpd.mean()),
                "logp_stderr_note": "standard error of each logp from the Hutchinson probes; empty where the tracking has no Monte-Carlo part"}
+    if report is not None:
+        summary["consistency"] = {"samples": len(report.index), "median_abs_gap_nats": report.median_abs_gap, "max_abs_gap_nats": report.max_abs_gap,
+                                  "within_3_stderr": float(report.within(3.0).double().mean()), "reencoding": report.settings}
     write_table(out, "samples", header, rows, summary)
     return summary
