@@ -95,7 +95,7 @@ def _worker_cmd(folder: Path, out: Path, a: argparse.Namespace) -> list[str]:
 def _read(out: Path) -> dict:
     timing = json.loads(Path(str(out) + ".timing.json").read_text())
     with open(out, newline="") as f:
-        timing["logp"] = [float(r["logp"]) for r in csv.DictReader(f)]
+        timing["logp"] = [float(r["logp_nats"]) for r in csv.DictReader(f)]
     timing["rate"] = timing["computed"] / timing["seconds"]
     timing["cpu"] = [float(Path(f"{out}.rank{r}.cpu").read_text()) for r in range(timing["world"])]
     return timing

@@ -255,3 +255,20 @@ def test_fokker_planck_for_log_density(name):
     s = gmm.score(x, t)
     rhs = -gmm.dim * v.f - v.f * (x * s).sum(1) + 0.5 * v.g2 * (gmm.laplacian(x, t) + s.square().sum(1))
     torch.testing.assert_close(dt_lp, rhs, rtol=1e-6, atol=1e-6 * rhs.abs().max().item())
+
+
+def test_mixture_refuses_bad_parameters_and_times():
+    means = torch.zeros(2, 3, dtype=F64)
+    for bad in (dict(means=means.clone().fill_(math.nan), stds=0.5), dict(means=means, stds=0.0), dict(means=means, stds=-1.0),
+                dict(means=means, stds=math.inf), dict(means=means, stds=torch.tensor([0.5, math.nan]))):  # fmt: skip
+        with pytest.raises(ValueError, match="means|stds"):
+            dd.GaussianMixture(bad["means"], bad["stds"], schedule=dd.VP())
+    with pytest.raises(ValueError, match="weights"):
+        dd.GaussianMixture(means, 0.5, torch.tensor([1.0, math.inf]), schedule=dd.VP())
+    g = dd.GaussianMixture(means, 0.5, schedule=dd.VP())
+    x = torch.zeros(1, 3, dtype=F64)
+    assert torch.isfinite(g.log_prob(x, g.schedule.t_max))
+    for t in (2.0, math.nan, -0.5, math.inf):
+        for f in (g.log_prob, g.score, g.laplacian):
+            with pytest.raises(ValueError, match="t "):
+                f(x, t)

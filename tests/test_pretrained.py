@@ -143,3 +143,61 @@ def test_patch_tensors_are_cached_and_valid(tmp_path, monkeypatch):
     assert x.min() >= -1 and x.max() <= 1
     with pytest.raises(ValueError, match="split"):
         data.patches("test")
+
+
+def _edit_info(path: Path, edit) -> None:
+    info = json.loads(path.with_suffix(".json").read_text())
+    edit(info)
+    path.with_suffix(".json").write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda i: i.pop("sha256"), "sha256"),
+        (lambda i: i.update(sha256="abc"), "sha256"),
+        (lambda i: i.pop("net"), "'net'"),
+        (lambda i: i.update(event_shape=[3, 32, 32]), "event_shape"),
+        (lambda i: i["net"].update(bogus=1), "'net'"),
+        (lambda i: i["schedule"].update(log_snr_min="x"), "log_snr_min"),
+    ],
+)
+def test_weights_metadata_is_validated(tmp_path, edit, match):
+    path = _copy_bundle(tmp_path)
+    _edit_info(path, edit)
+    with pytest.raises(ValueError, match=match):
+        load_pretrained(path)
+
+
+def test_huge_weight_without_checksum_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = _copy_bundle(tmp_path)
+    state = load_file(str(path))
+    key = next(iter(state))
+    state[key] = state[key].clone().fill_(1e30)
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match="SHA-256"):  # the recorded digest no longer matches
+        load_pretrained(path)
+    _edit_info(path, lambda i: i.pop("sha256"))
+    with pytest.raises(ValueError, match="sha256"):  # and without one nothing is loaded
+        load_pretrained(path)
+
+
+def test_inputs_are_checked_at_the_door():
+    model = load_pretrained()
+    t = torch.full((2,), 0.5)
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randint(0, 256, (2, 3, 16, 16), generator=gen).float()
+    with pytest.raises(ValueError, match=r"\[0, 255\].*dequantize"):
+        model.score(u, t)
+    with pytest.raises(TypeError, match="floating-point"):
+        model.score(u.to(torch.uint8), t)
+    x = torch.rand(2, 3, 16, 16, generator=gen) * 2 - 1
+    ref = model.score(x, t)
+    for dtype, tol in ((torch.float64, 1e-6), (torch.float16, 2e-2), (torch.bfloat16, 5e-2)):
+        s = model.score(x.to(dtype), t)
+        assert s.dtype == dtype and s.shape == x.shape
+        assert torch.allclose(s.float(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
+    res = dd.log_likelihood(model, x.double(), steps=2, divergence=dd.Hutchinson(1, mode="forward"), generator=gen)
+    assert res.logp.dtype == torch.float64 and torch.isfinite(res.logp).all()

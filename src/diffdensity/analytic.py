@@ -61,6 +61,8 @@ class GaussianMixture:
         means = torch.as_tensor(means, dtype=torch.float64)
         if means.ndim < 2:
             raise ValueError(f"means must have shape (K, *event_shape), got {tuple(means.shape)}")
+        if not torch.isfinite(means).all():
+            raise ValueError("means must be finite (got NaN or Inf)")
         k = means.shape[0]
         self.event_shape = tuple(means.shape[1:])
         self.dim = math.prod(self.event_shape)
@@ -73,10 +75,10 @@ class GaussianMixture:
             stds = stds.reshape(k, self.dim)
         else:
             raise ValueError(f"stds must be a scalar, (K,) or (K, *event_shape); got {tuple(stds.shape)}")
-        if not (stds > 0).all():
-            raise ValueError("stds must be positive")
+        if not ((stds > 0) & torch.isfinite(stds)).all():
+            raise ValueError("stds must be positive and finite")
         weights = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-        if weights.shape != (k,) or not (weights > 0).all():
+        if weights.shape != (k,) or not ((weights > 0) & torch.isfinite(weights)).all():
             raise ValueError(f"weights must be {k} positive numbers")
         if rotation is not None:
             rotation = torch.as_tensor(rotation, dtype=torch.float64)
@@ -121,9 +123,10 @@ class GaussianMixture:
             raise ValueError(f"x must have shape (B, *{self.event_shape}), got {tuple(x.shape)}")
 
     def _components(self, x: Tensor, t: Tensor | float):
-        """``(y, a, v, log_r, logp)``: per-component residual terms at time t."""
+        """``(y, a, v, log_r, logp)``: per-component residual terms at time t (in ``[t_min, t_max]``)."""
         self._check(x)
         t = broadcast_time(t, x).to(torch.float64)
+        self.schedule.check_t(t)
         sv = self.schedule(t)
         alpha, sigma = sv.alpha[:, None, None], sv.sigma[:, None, None]
         y = self._to_y(x)  # (B, D)
