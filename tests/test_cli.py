@@ -229,3 +229,19 @@ def test_check_reencodes_samples_and_reports_the_gap(tmp_path, capsys):
     assert json.loads((out / "samples.json").read_text())["consistency"]["samples"] == 2
     assert "re-encoded" in capsys.readouterr().out
     assert main(["sample", "--model", "gmm:mix64", "-n", "3", "--check", "2", "--no-track", "--out", str(out)]) == 2
+
+
+def test_help_and_version_import_no_torch_from_the_cli():
+    """The cli package defers every heavy import (measured without the package __init__, which imports the library)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parent.parent / "src" / "diffdensity"
+    code = (f"import sys, types; m = types.ModuleType('diffdensity'); m.__path__ = [{str(src)!r}]; sys.modules['diffdensity'] = m\n"
+            "from diffdensity.cli import main\n"
+            "for argv in (['--help'], ['--version']):\n"
+            "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code == 0\n"
+            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('torch', 'numpy', 'matplotlib')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

@@ -60,14 +60,15 @@ def _register(sub, name: str) -> argparse.ArgumentParser:
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The full parser; with ``only``, just that subcommand is fully built (the others list their help)."""
+    """The full parser; with ``only``, just that subcommand is fully built (the others list their help;
+    ``only=""`` builds none, which is all the top-level ``--help`` and ``--version`` need)."""
     p = Parser(
         prog="diffdensity",
         description="Measure and steer the log-density of samples in diffusion and flow models.",
         formatter_class=HelpFormatter,
         epilog=EPILOG,
     )
-    p.add_argument("--version", action="version", version=f"diffdensity {_version()}")
+    p.add_argument("--version", action=_Version, nargs=0, help="print the installed version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help) in COMMANDS.items():
         if only is None or name == only:
@@ -76,6 +77,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         else:
             sub.add_parser(name, help=help)
     return p
+
+
+class _Version(argparse.Action):
+    """``--version``, looking the version up only when asked (package metadata is slow to scan)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.exit(0, f"diffdensity {_version()}\n")
 
 
 def _version() -> str:
@@ -98,7 +106,7 @@ def _command_of(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """Run ``diffdensity ARGS``; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(only=_command_of(argv)).parse_args(argv)
+    args = build_parser(only=_command_of(argv) or "").parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except CliError as e:
