@@ -83,7 +83,8 @@ class _Version(argparse.Action):
     """``--version``, looking the version up only when asked (package metadata is slow to scan)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        parser.exit(0, f"diffdensity {_version()}\n")
+        print(f"diffdensity {_version()}")
+        parser.exit(0)
 
 
 def _version() -> str:
