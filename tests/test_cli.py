@@ -245,3 +245,19 @@ def test_help_and_version_import_no_torch_from_the_cli():
             "print(sorted(k for k in sys.modules if k.split('.')[0] in ('torch', 'numpy', 'matplotlib')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_logp_out_is_checked_before_any_work(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(folder / "a.png")
+    before = (folder / "a.png").read_bytes()
+    for out, words in [(folder / "a.png", ["--out", ".csv"]), (tmp_path, ["--out", "folder", "logp.csv"])]:
+        assert main(["logp", str(folder), "--model", "gmm:image16", "--steps", "2", "--out", str(out), "--overwrite", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and all(w in err for w in words), err
+    assert (folder / "a.png").read_bytes() == before
+    deep = tmp_path / "new" / "sub" / "scores.csv"  # missing folders are created
+    assert main(["logp", str(folder), "--model", "gmm:image16", "--steps", "2", "--out", str(deep), "--quiet"]) == 0 and deep.exists()

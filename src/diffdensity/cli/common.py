@@ -32,6 +32,7 @@ __all__ = [
     "latents",
     "warn",
     "output_folder",
+    "output_file",
     "remove_stale",
     "settings_of",
     "nfe_columns",
@@ -243,6 +244,20 @@ def output_folder(flag_value: str) -> Path:
         raise CliError(f"--out {out}: cannot create the folder ({e.strerror or e}); choose a writable folder", 2) from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise CliError(f"--out {out} is not writable; choose a writable folder", 2)
+    return out
+
+
+def output_file(flag_value: str, suffix: str = ".csv") -> Path:
+    """``--out`` as a file path whose folder exists (created if missing) and is writable; a usage error naming ``--out`` otherwise."""
+    out = Path(flag_value)
+    if out.is_dir():
+        raise CliError(f"--out {out} is a folder; give a file path, e.g. --out {out / ('logp' + suffix)}", 2)
+    if out.suffix.lower() != suffix:
+        raise CliError(f"--out {out}: give a {suffix} file name (e.g. --out {out.with_suffix(suffix)}), so that no other file is replaced", 2)
+    if str(out.parent) not in ("", "."):
+        output_folder(str(out.parent))
+    if out.exists() and not os.access(out, os.W_OK):
+        raise CliError(f"--out {out} is not writable; choose another file", 2)
     return out
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import CliError, HelpFormatter, add_model_options, positive_int, resolve_device
+from .common import CliError, HelpFormatter, add_model_options, output_file, positive_int, resolve_device
 
 HELP = "log-density and bits/dim of image files (CSV; resumable; runs under torchrun)"
 
@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from ..scoring.distributed import ProcessGroup
     from ..zoo import load_model
 
+    output_file(args.out)
     pg = ProcessGroup.join(resolve_device(args.device))
     try:
         try:
