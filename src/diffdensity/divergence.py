@@ -137,11 +137,14 @@ class DivergenceEstimator:
     def choose_mode(self, fn: Field, x: Tensor, v: Tensor, nfe: NFE | None) -> tuple[Tensor, Tensor, Callable]:
         """Measure and cache the faster AD mode for this signature; returns the products.
 
-        Forward mode is tried first (twice if the first run, which carries one-off
-        costs, is slow); it is kept if it fails to be slower than
-        :data:`AUTO_MIN_SECONDS`. Otherwise reverse mode is timed twice too and chosen
-        when its best time beats forward's by :data:`AUTO_MARGIN`; if forward mode
-        fails, reverse mode is used. Every product run here is counted in ``nfe``.
+        Forward mode is tried first and kept if it takes less than
+        :data:`AUTO_MIN_SECONDS`. Otherwise one reverse product is timed; unless
+        reverse mode is clearly faster (forward over ``4 * AUTO_MIN_SECONDS`` and more
+        than twice reverse's time), each mode runs once more (first calls carry one-off
+        costs) and forward is kept if it is now fast. Reverse mode is chosen when its
+        best time beats forward's by :data:`AUTO_MARGIN`, or when forward mode fails.
+        The products of the chosen mode's run are returned; every product run here is
+        counted in ``nfe``.
         """
         times: dict[str, float] = {}
         outs: dict[str, tuple[Tensor, Tensor, Callable]] = {}
@@ -157,12 +160,14 @@ class DivergenceEstimator:
             times[mode] = min(times.get(mode, math.inf), time.perf_counter() - start)
 
         attempt("forward")
-        if "forward" in times and times["forward"] >= AUTO_MIN_SECONDS:
-            attempt("forward")
         if times.get("forward", math.inf) >= AUTO_MIN_SECONDS:
             attempt("reverse")
-            if "forward" in times and "reverse" in times:
-                attempt("reverse")
+            both = "forward" in times and "reverse" in times
+            clear = both and times["forward"] >= 4 * AUTO_MIN_SECONDS and 2 * times["reverse"] < times["forward"]
+            if both and not clear:  # first calls carry one-off costs: once more
+                attempt("forward")
+                if times["forward"] >= AUTO_MIN_SECONDS:
+                    attempt("reverse")
         if not times:
             raise errors["reverse"] from errors.get("forward")
         best = min(times, key=lambda m: times[m] * (AUTO_MARGIN if m == "reverse" else 1.0))
