@@ -419,11 +419,11 @@ def test_attention_backends_and_higher_order_autodiff(attention):
         (g,) = torch.autograd.grad(fn(y), y, e, create_graph=True)
         (gg,) = torch.autograd.grad((g * e).sum(), y)
     assert torch.isfinite(gg).all() and gg.abs().sum() > 0
-    est = Hutchinson(1)
+    est = Hutchinson(1, mode="forward")  # the estimators' forward mode runs through the math kernel
     est.reset(gen(17))
     with torch.no_grad():
-        est(fn, z)
-    assert est.resolved_mode == "forward"
+        _, div = est(fn, z)
+    assert est.resolved_mode == "forward" and torch.isfinite(div).all()
 
 
 # ------------------------------------------------------------------------------------
@@ -572,3 +572,58 @@ def test_argument_errors(unet):
 def test_importing_diffdensity_does_not_import_diffusers():
     code = "import sys, diffdensity, diffdensity.integrations; assert 'diffusers' not in sys.modules, 'imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------------------
+# safe loading, device and dtype
+# ------------------------------------------------------------------------------------
+def test_folders_without_safetensors_are_refused_without_unpickling(unet, tmp_path, monkeypatch):
+    sched = diffusers.DDPMScheduler()
+    unet.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    sched.save_pretrained(tmp_path / "pickled")
+    assert list((tmp_path / "pickled").glob("*.bin")) and not list((tmp_path / "pickled").glob("*.safetensors"))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("pickled weights must never be loaded")
+
+    monkeypatch.setattr(torch, "load", forbidden)
+    for load in (from_diffusers_pretrained, from_diffusers):
+        with pytest.raises(ValueError, match=r"no \.safetensors weights.*diffusion_pytorch_model\.bin"):
+            load(str(tmp_path / "pickled"))
+
+
+@pytest.mark.parametrize("where, name", [("config.json", "DDPMPipeline"), ("config.json", "ControlNetModel"),
+                                         ("scheduler_config.json", "CMStochasticIterativeScheduler")])  # fmt: skip
+def test_only_allow_listed_classes_are_built_from_a_folder(unet, tmp_path, where, name):
+    import json
+
+    unet.save_pretrained(tmp_path / "m")
+    diffusers.DDPMScheduler().save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / where).read_text())
+    cfg["_class_name"] = name
+    (tmp_path / "m" / where).write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="not allowed"):
+        from_diffusers_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="not allowed"):  # a config dict naming a class is held to the same list
+        from_diffusers(unet, {"_class_name": "os.system", "beta_schedule": "linear"})
+
+
+def test_loading_from_a_path_does_not_go_through_from_diffusers_pretrained(unet, tmp_path, monkeypatch):
+    from diffdensity.integrations.diffusers import wrap
+
+    unet.save_pretrained(tmp_path / "m")
+    diffusers.DDPMScheduler().save_pretrained(tmp_path / "m")
+    direct = from_diffusers(str(tmp_path / "m"))
+    monkeypatch.setattr(wrap, "from_diffusers_pretrained", None)  # a call would fail
+    again = from_diffusers(str(tmp_path / "m"))
+    x = torch.randn(1, 3, 8, 8, generator=gen(30))
+    with torch.no_grad():
+        torch.testing.assert_close(again.score(x, 10.0), direct.score(x, 10.0), rtol=0, atol=0)
+
+
+def test_model_declares_its_networks_device_and_dtype():
+    net = tiny_unet(attention=False).to(F64)
+    model = from_diffusers(net, diffusers.DDPMScheduler())
+    assert model.dtype == F64 and model.device == torch.device("cpu")
+    x = dd.sample(model, 2, steps=2, generator=gen(31)).x
+    assert x.dtype == F64

@@ -240,153 +240,160 @@ def train(
             ``diffdensity.bundled.data.patches("train")``.
         progress: show a tqdm bar.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; expected one of {tuple(PRESETS)}")
-    p = PRESETS[preset]
-    p = replace(
-        p,
-        steps=p.steps if steps is None else int(steps),
-        batch_size=p.batch_size if batch_size is None else int(batch_size),
-        seed=p.seed if seed is None else int(seed),
-        threads=p.threads if threads is None else int(threads),
-    )
-    if p.parametrization not in ("eps", "v"):
-        raise ValueError(f"parametrization must be 'eps' or 'v', got {p.parametrization!r}")
-    if p.steps < 1 or p.batch_size < 1 or p.threads < 1:
-        raise ValueError("steps, batch_size and threads must be positive")
+    p = _preset(preset, steps=steps, batch_size=batch_size, seed=seed, threads=threads)
     if max_minutes is not None and not max_minutes > 0:
         raise ValueError(f"max_minutes must be positive, got {max_minutes}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(p.threads)
-
     if data is None:
         from .data import patches
 
         data = patches("train")
     if data.dtype != torch.uint8 or data.ndim != 4:
         raise ValueError(f"data must be a uint8 tensor (N, C, H, W), got {data.dtype} {tuple(data.shape)}")
+    run = _Run(p, out, data)
+    if resume:
+        run.resume()
+    return run.loop(max_minutes, progress)
 
-    cfg = UNetConfig.from_dict(
-        dict(p.net, log_snr_min=p.log_snr_min, log_snr_max=p.log_snr_max, in_channels=data.shape[1], image_size=data.shape[2])
-    )
-    torch.manual_seed(p.seed)
-    net = UNet(cfg)
-    ema = UNet(cfg)
-    ema.load_state_dict(net.state_dict())
-    ema.requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=p.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    sched = VP(p.log_snr_min, p.log_snr_max)
 
-    ckpt_w, ckpt_j = out / "checkpoint.safetensors", out / "checkpoint.json"
-    step, total_seconds = 0, 0.0
-    settings = {k: v for k, v in asdict(p).items() if k not in ("steps", "threads", "checkpoint_every", "log_every")}
-    settings["net"] = cfg.to_dict()
-    if resume and ckpt_w.exists() and ckpt_j.exists():
+def _preset(name: str, **overrides: int | None) -> Preset:
+    """The preset ``name`` with the given (non-``None``) overrides, checked."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {tuple(PRESETS)}")
+    p = replace(PRESETS[name], **{k: int(v) for k, v in overrides.items() if v is not None})
+    if p.parametrization not in ("eps", "v"):
+        raise ValueError(f"parametrization must be 'eps' or 'v', got {p.parametrization!r}")
+    if p.steps < 1 or p.batch_size < 1 or p.threads < 1:
+        raise ValueError("steps, batch_size and threads must be positive")
+    return p
+
+
+class _Run:
+    """One training run: the network, its EMA, the optimiser, the checkpoint and the log."""
+
+    def __init__(self, p: Preset, out: Path, data: Tensor):
+        self.p, self.out, self.data = p, out, data
+        cfg = UNetConfig.from_dict(
+            dict(p.net, log_snr_min=p.log_snr_min, log_snr_max=p.log_snr_max, in_channels=data.shape[1], image_size=data.shape[2])
+        )
+        torch.manual_seed(p.seed)
+        self.net, self.ema = UNet(cfg), UNet(cfg)
+        self.ema.load_state_dict(self.net.state_dict())
+        self.ema.requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=p.lr, betas=(0.9, 0.99), weight_decay=0.0)
+        self.sched = VP(p.log_snr_min, p.log_snr_max)
+        self.ckpt_w, self.ckpt_j = out / "checkpoint.safetensors", out / "checkpoint.json"
+        self.step, self.total_seconds, self.last_loss = 0, 0.0, float("nan")
+        self.settings = {k: v for k, v in asdict(p).items() if k not in ("steps", "threads", "checkpoint_every", "log_every")}
+        self.settings["net"] = cfg.to_dict()
+
+    def resume(self) -> None:
+        """Continue from ``checkpoint.*`` when present (written with the same settings)."""
+        if not (self.ckpt_w.exists() and self.ckpt_j.exists()):
+            return
         from safetensors.torch import load_file
 
-        info = json.loads(ckpt_j.read_text())
-        if info.get("settings") != json.loads(json.dumps(settings)):
-            raise ValueError(
-                f"{ckpt_j} was written with other settings; use resume=False (or another out_dir) to start over"
-            )
+        info = json.loads(self.ckpt_j.read_text())
+        if info.get("settings") != json.loads(json.dumps(self.settings)):
+            raise ValueError(f"{self.ckpt_j} was written with other settings; use resume=False (or another out_dir) to start over")
         try:
-            tensors = load_file(str(ckpt_w))
+            tensors = load_file(str(self.ckpt_w))
         except Exception as e:  # safetensors raises its own error types
-            raise ValueError(f"cannot read checkpoint {ckpt_w}: {e}") from e
-        net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
-        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        _load_adam_state(opt, tensors)
-        step, total_seconds = int(info["step"]), float(info["seconds"])
+            raise ValueError(f"cannot read checkpoint {self.ckpt_w}: {e}") from e
+        self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        _load_adam_state(self.opt, tensors)
+        self.step, self.total_seconds = int(info["step"]), float(info["seconds"])
 
-    def save(last_loss: float) -> None:
-        tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
-        tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-        tensors.update(_adam_state(opt))
-        _save_atomic_safetensors(tensors, ckpt_w)
-        _save_atomic_json(dict(step=step, seconds=total_seconds, last_loss=last_loss, settings=settings), ckpt_j)
-        export_weights(
-            ema,
-            out / f"{p.name}.safetensors",
-            dict(
-                preset=p.name,
-                training=dict(
-                    step=step,
-                    target_steps=p.steps,
-                    minutes=round(total_seconds / 60, 2),
-                    data=f"diffdensity.bundled.data.patches('train'), {data.shape[0]} patches",
-                    recipe=settings,
-                ),
-            ),
-            parametrization=p.parametrization,
-        )
+    def save(self) -> None:
+        """Checkpoint (network, EMA, optimiser) and export the EMA weights."""
+        p = self.p
+        tensors = {f"net.{k}": v for k, v in self.net.state_dict().items()}
+        tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
+        tensors.update(_adam_state(self.opt))
+        _save_atomic_safetensors(tensors, self.ckpt_w)
+        record = dict(step=self.step, seconds=self.total_seconds, last_loss=self.last_loss, settings=self.settings)
+        _save_atomic_json(record, self.ckpt_j)
+        training = dict(
+            step=self.step, target_steps=p.steps, minutes=round(self.total_seconds / 60, 2),
+            data=f"diffdensity.bundled.data.patches('train'), {self.data.shape[0]} patches", recipe=self.settings,
+        )  # fmt: skip
+        export_weights(self.ema, self.out / f"{p.name}.safetensors", dict(preset=p.name, training=training), parametrization=p.parametrization)
 
-    log_path = out / "train_log.csv"
-    new_log = not log_path.exists() or step == 0
-    if not new_log:  # drop rows written after the checkpoint we resume from
-        with open(log_path, newline="") as f:
-            rows = list(csv.reader(f))
-        kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
-        with open(log_path, "w", newline="") as f:
-            csv.writer(f).writerows(kept)
-    log_file = open(log_path, "w" if new_log else "a", newline="")
-    log = csv.writer(log_file)
-    if new_log:
-        log.writerow(["step", "loss", "lr", "grad_norm", "minutes"])
+    def open_log(self):
+        """``train_log.csv`` for appending (rows after the resumed checkpoint dropped) and its writer."""
+        log_path = self.out / "train_log.csv"
+        new_log = not log_path.exists() or self.step == 0
+        if not new_log:  # drop rows written after the checkpoint we resume from
+            with open(log_path, newline="") as f:
+                rows = list(csv.reader(f))
+            kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= self.step]
+            with open(log_path, "w", newline="") as f:
+                csv.writer(f).writerows(kept)
+        log_file = open(log_path, "w" if new_log else "a", newline="")
+        log = csv.writer(log_file)
+        if new_log:
+            log.writerow(["step", "loss", "lr", "grad_norm", "minutes"])
+        return log_file, log
 
-    from tqdm.auto import tqdm
+    def update(self) -> tuple[float, float, float]:
+        """One optimiser step and the EMA update; ``(loss, lr, grad norm)``."""
+        p = self.p
+        lr = _lr(p, self.step, p.steps)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        xt, t, eps, x0 = _batch(self.data, p, self.step, p.batch_size, self.sched)
+        loss = _loss(self.net, p, self.sched, xt, t, eps, x0)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {float(loss)} at step {self.step}")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(self.net.parameters(), p.grad_clip))
+        self.opt.step()
+        self.step += 1
+        decay = min(p.ema_decay, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            for pe, pn in zip(self.ema.parameters(), self.net.parameters()):
+                pe.lerp_(pn, 1 - decay)
+        return loss.item(), lr, gnorm
 
-    start = time.monotonic()
-    last = start
-    loss_acc, n_acc, last_loss = 0.0, 0, float("nan")
-    bar = tqdm(total=p.steps, initial=step, desc=f"train {p.name}", disable=not progress, dynamic_ncols=True)
-    net.train()
-    try:
-        while step < p.steps:
-            lr = _lr(p, step, p.steps)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            xt, t, eps, x0 = _batch(data, p, step, p.batch_size, sched)
-            loss = _loss(net, p, sched, xt, t, eps, x0)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {float(loss)} at step {step}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), p.grad_clip))
-            opt.step()
-            step += 1
-            decay = min(p.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for pe, pn in zip(ema.parameters(), net.parameters()):
-                    pe.lerp_(pn, 1 - decay)
-            loss_acc += loss.item()
-            n_acc += 1
-            now = time.monotonic()
-            total_seconds += now - last
-            last = now
-            bar.update(1)
-            if step % p.log_every == 0 or step == p.steps:
-                last_loss = loss_acc / n_acc
-                log.writerow([step, f"{last_loss:.5f}", f"{lr:.3g}", f"{gnorm:.3f}", f"{total_seconds / 60:.2f}"])
-                log_file.flush()
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2g}")
-                loss_acc, n_acc = 0.0, 0
-            out_of_time = max_minutes is not None and (now - start) / 60 >= max_minutes
-            if step % p.checkpoint_every == 0 or step == p.steps or out_of_time:
-                save(last_loss)
-            if out_of_time:
-                break
-        if step == p.steps and not (out / f"{p.name}.safetensors").exists():
-            save(last_loss)
-    finally:
-        bar.close()
-        log_file.close()
-    return TrainResult(
-        weights=out / f"{p.name}.safetensors",
-        config=out / f"{p.name}.json",
-        step=step,
-        steps=p.steps,
-        last_loss=last_loss,
-        minutes=(time.monotonic() - start) / 60,
-        total_minutes=total_seconds / 60,
-    )
+    def loop(self, max_minutes: float | None, progress: bool) -> TrainResult:
+        """Train until the preset's step count (or ``max_minutes``), logging and checkpointing."""
+        from tqdm.auto import tqdm
+
+        p = self.p
+        start = last = time.monotonic()
+        loss_acc, n_acc = 0.0, 0
+        log_file, log = self.open_log()
+        bar = tqdm(total=p.steps, initial=self.step, desc=f"train {p.name}", disable=not progress, dynamic_ncols=True)
+        self.net.train()
+        try:
+            while self.step < p.steps:
+                loss, lr, gnorm = self.update()
+                loss_acc, n_acc = loss_acc + loss, n_acc + 1
+                now = time.monotonic()
+                self.total_seconds += now - last
+                last = now
+                bar.update(1)
+                if self.step % p.log_every == 0 or self.step == p.steps:
+                    self.last_loss = loss_acc / n_acc
+                    log.writerow([self.step, f"{self.last_loss:.5f}", f"{lr:.3g}", f"{gnorm:.3f}", f"{self.total_seconds / 60:.2f}"])
+                    log_file.flush()
+                    bar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr:.2g}")
+                    loss_acc, n_acc = 0.0, 0
+                out_of_time = max_minutes is not None and (now - start) / 60 >= max_minutes
+                if self.step % p.checkpoint_every == 0 or self.step == p.steps or out_of_time:
+                    self.save()
+                if out_of_time:
+                    break
+            if self.step == p.steps and not (self.out / f"{p.name}.safetensors").exists():
+                self.save()
+        finally:
+            bar.close()
+            log_file.close()
+        return TrainResult(
+            weights=self.out / f"{p.name}.safetensors", config=self.out / f"{p.name}.json", step=self.step, steps=p.steps,
+            last_loss=self.last_loss, minutes=(time.monotonic() - start) / 60, total_minutes=self.total_seconds / 60,
+        )  # fmt: skip

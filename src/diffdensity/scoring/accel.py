@@ -24,8 +24,9 @@ def is_oom(e: BaseException) -> bool:
 
 
 def network_of(model) -> nn.Module | None:
-    fn = getattr(model, "fn", None)
-    return fn if isinstance(fn, nn.Module) else None
+    """The ``nn.Module`` holding the model's weights, as the model declares it (``model.network``), or ``None``."""
+    net = getattr(model, "network", None)
+    return net if isinstance(net, nn.Module) else None
 
 
 class Autocast:
@@ -51,23 +52,38 @@ class AutocastModel:
 
 
 def prepare_model(model, device: torch.device, *, amp: torch.dtype | None, compile: bool):
+    """The model with its network on ``device``, optionally compiled and under autocast.
+
+    A network the model calls as ``fn`` (:class:`~diffdensity.models.ScoreModel`) is
+    replaced in a shallow copy of the model; one it calls as ``network`` (the diffusers
+    adapter) is compiled there and autocast wraps the whole score. Models without a
+    declared network are not compiled (with a warning) and get autocast on the score.
+    """
     net = network_of(model)
     if net is not None:
         net.to(device)
     if amp is None and not compile:
         return model
-    if isinstance(model, ScoreModel) and net is not None:
-        fn: Callable = net
+    if net is None:
         if compile:
-            fn = torch.compile(fn, dynamic=False)
-        if amp is not None:
-            fn = Autocast(fn, device.type, amp)
-        wrapped = copy.copy(model)
-        wrapped.fn = fn
-        return wrapped
+            print("warning: --compile needs a model that declares its network (model.network); ignored", file=sys.stderr)
+        return model if amp is None else AutocastModel(model, device.type, amp)
+    calls_fn = isinstance(model, ScoreModel) and model.fn is net
+    wrapped = copy.copy(model)
     if compile:
-        print("warning: --compile applies to networks wrapped in ScoreModel; ignored for this model", file=sys.stderr)
-    return model if amp is None else AutocastModel(model, device.type, amp)
+        compiled = torch.compile(net, dynamic=False)
+        if calls_fn:
+            wrapped.fn = compiled
+        else:
+            wrapped.network = compiled
+            if getattr(model.fn, "__self__", None) is model:  # fn is a method calling self.network: rebind it
+                wrapped.fn = getattr(wrapped, model.fn.__name__)
+    if amp is None:
+        return wrapped
+    if calls_fn:
+        wrapped.fn = Autocast(wrapped.fn, device.type, amp)
+        return wrapped
+    return AutocastModel(wrapped, device.type, amp)
 
 
 def available_memory(device: torch.device) -> int:

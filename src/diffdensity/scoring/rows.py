@@ -12,7 +12,7 @@ Columns (one row per input):
 ``nfe_forward``   network passes spent on the input: plain evaluations,
 ``nfe_jvp``       Jacobian-vector products,
 ``nfe_vjp``       vector-Jacobian products
-``status``        ``ok``, ``unreadable`` or ``wrong_shape``
+``status``        ``ok``, ``unreadable``, ``wrong_shape`` or ``non_finite`` (the solve gave NaN or Inf)
 ``message``       why an input failed (one line)
 ``check``         first 16 hex digits of SHA-256 over the settings digest and the other fields
 ================  ===========================================================================
@@ -36,7 +36,7 @@ COLUMNS = [
     "index", "file", "sha256", "logp_nats", "logp_se_nats", "bpd", "nfe_forward", "nfe_jvp", "nfe_vjp", "status",
     "message", "check",
 ]  # fmt: skip
-STATUSES = ("ok", "unreadable", "wrong_shape")
+STATUSES = ("ok", "unreadable", "wrong_shape", "non_finite")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _NFE = ("nfe_forward", "nfe_jvp", "nfe_vjp")
 
