@@ -115,6 +115,7 @@ def test_help_lists_every_command_with_a_description(capsys):
         (["sample", "--method", "custom"], 2, ["--method", "invalid choice"]),
         (["sample", "--q", "1.5"], 2, ["--q", "between 0 and 1"]),
         (["train", "--preset", "huge"], 2, ["--preset", "patches16"]),
+        (["detail", "--model", "gmm:mix64"], 2, ["--model gmm:mix64", "image model"]),
     ],
 )
 def test_errors_are_one_line_naming_the_flag(argv, code, words, capsys):
@@ -261,3 +262,8 @@ def test_logp_out_is_checked_before_any_work(tmp_path, capsys):
     assert (folder / "a.png").read_bytes() == before
     deep = tmp_path / "new" / "sub" / "scores.csv"  # missing folders are created
     assert main(["logp", str(folder), "--model", "gmm:image16", "--steps", "2", "--out", str(deep), "--quiet"]) == 0 and deep.exists()
+
+
+def test_detail_warns_about_ignored_flags(tmp_path, capsys):
+    assert main(["detail", "--model", "gmm:image16", "-n", "5", "--steps", "2", "--resize", "box", "--out", str(tmp_path / "d")]) == 0
+    assert "--resize, --fit and --alpha apply to --images only" in capsys.readouterr().err

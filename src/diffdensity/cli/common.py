@@ -29,6 +29,7 @@ __all__ = [
     "preprocessing_of",
     "resolve_device",
     "setup",
+    "require_images",
     "latents",
     "warn",
     "output_folder",
@@ -178,6 +179,13 @@ def setup(args: argparse.Namespace):
     if shape is None:
         raise CliError(f"--model {args.model} does not declare its event shape; cannot draw latents", 2)
     return model, tuple(shape)
+
+
+def require_images(args: argparse.Namespace, shape: tuple[int, ...]) -> None:
+    """A usage error naming ``--model`` unless the model's samples are images ``(C, H, W)``, C = 1 or 3."""
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        raise CliError(f"--model {args.model} has event shape {shape}; {args.command} needs an image model (C, H, W) with C = 1 or 3, "
+                       "e.g. --model builtin:patches16 or gmm:image16", 2)
 
 
 def latents(model, shape: Sequence[int], n: int, seed: int, device):

@@ -22,6 +22,7 @@ from .common import (
     positive_int,
     quantile,
     settings_of,
+    require_images,
     setup,
     write_table,
 )
@@ -103,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     from .progress import run_with_progress
 
     model, shape = setup(args)
+    require_images(args, shape)
     out = output_folder(args.out)
     dim = math.prod(shape)
     x_T = latents(model, shape, args.n, args.seed, args.device)

@@ -17,7 +17,9 @@ from .common import (
     positive_int,
     preprocessing_of,
     settings_of,
+    require_images,
     setup,
+    warn,
     write_table,
 )
 
@@ -34,13 +36,24 @@ examples:
   diffdensity detail --images held_out/     # an image folder
 """
 QUANTILES = (0.1, 0.3, 0.5, 0.7, 0.9)
+DEFAULT_N = 64
+
+
+def check_ignored(args: argparse.Namespace) -> None:
+    """Warn about flags that this combination does not use."""
+    if args.images and args.n is not None:
+        warn("detail", f"-n {args.n} is ignored with --images (the images are scored instead of model samples)")
+    if not args.images and (args.resize is not None or args.fit != "crop" or args.alpha != "refuse"):
+        warn("detail", "--resize, --fit and --alpha apply to --images only; they are ignored for model samples")
+    elif args.resize is None and args.fit != "crop":
+        warn("detail", f"--fit {args.fit} is ignored without --resize (images must already have the model's size)")
 
 
 def register(sub) -> argparse.ArgumentParser:
     t = sub.add_parser("detail", help=HELP, description=DESCRIPTION, formatter_class=HelpFormatter, epilog=EPILOG)
     add_model_options(t)
     t.add_argument("--images", nargs="*", default=None, help="image files or folders (default: sample from the model)")
-    t.add_argument("-n", "--n", type=positive_int, default=64, help="model samples when no images are given")
+    t.add_argument("-n", "--n", type=positive_int, default=None, help="model samples when no images are given, split evenly over 5 quantiles (none given: 64)")
     t.add_argument("--steps", type=positive_int, default=32, help="solver steps")
     t.add_argument("--out", default="out/detail", help="output folder (detail.csv, detail.png)")
     add_preprocess_options(t)
@@ -90,7 +103,7 @@ def _sample_quantiles(args, model, shape):
     from .figures import to_uint8
     from .progress import run_with_progress
 
-    per = max(1, args.n // len(QUANTILES))
+    per = max(1, (args.n or DEFAULT_N) // len(QUANTILES))
     xs, lps, names = [], [], []
     for k, q in enumerate(QUANTILES):
         x_T = latents(model, shape, per, args.seed + k, args.device)
@@ -106,7 +119,9 @@ def run(args: argparse.Namespace) -> int:
     """Log-density versus PNG size, on model samples across quantiles or on an image folder."""
     from .figures import correlations, plot_detail, png_size
 
+    check_ignored(args)
     model, shape = setup(args)
+    require_images(args, shape)
     out = output_folder(args.out)
     names, u8, bpd, notes = (_score_images if args.images else _sample_quantiles)(args, model, shape)
     size = png_size(u8)
