@@ -230,3 +230,33 @@ def test_tensor_rows_and_files_share_numbers_and_hashes_per_row(model, tmp_path)
     b = score_dataset(model, data[[2, 0]], tmp_path / "t2.csv", **OPTS)  # other order, other length
     assert [r["logp_nats"] for r in b.rows] == [a.rows[2]["logp_nats"], a.rows[0]["logp_nats"]]
     assert len({r["sha256"] for r in a.rows}) == 3
+
+
+class _NaNForBright:
+    """The mixture's score, but NaN for samples whose mean value exceeds 0.5 (a network failing on some inputs)."""
+
+    def __init__(self, model):
+        self.model, self.schedule, self.event_shape = model, model.schedule, model.event_shape
+
+    def __repr__(self) -> str:
+        return "NaNForBright(" + repr(self.model) + ")"
+
+    def score(self, x, t, **cond):
+        s = self.model.score(x, t, **cond)
+        bright = x.reshape(x.shape[0], -1).mean(1) > 0.5
+        return torch.where(bright.reshape(-1, *[1] * (x.ndim - 1)), torch.full_like(s, math.nan), s)
+
+
+def test_inputs_giving_non_finite_values_fail_alone(model, tmp_path):
+    gen = torch.Generator().manual_seed(5)
+    data = torch.randint(0, 256, (4, *model.event_shape), generator=gen, dtype=torch.uint8)
+    data[2] = 255  # x close to +1 everywhere: the network fails on it
+    ref = score_dataset(model, data, tmp_path / "ref.csv", **OPTS)
+    res = score_dataset(_NaNForBright(model), data, tmp_path / "nan.csv", batch_size=4, **OPTS)
+    status = [r["status"] for r in res.rows]
+    assert status == ["ok", "ok", "non_finite", "ok"] and res.exit_code == 1
+    assert "NaN or Inf" in res.rows[2]["message"] and res.rows[2]["logp_nats"] == ""
+    for i in (0, 1, 3):  # the others keep their numbers
+        assert res.rows[i]["logp_nats"] == ref.rows[i]["logp_nats"]
+    again = score_dataset(_NaNForBright(model), data, tmp_path / "nan.csv", **OPTS)  # the failed row is retried, nothing else
+    assert again.resumed == 3 and again.n_failed == 1 and again.problems == []

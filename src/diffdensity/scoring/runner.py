@@ -257,7 +257,7 @@ class _Shard:
                     measuring = batches.measuring and bool(batch.ok)  # the batch size is known after this batch
                     if not measuring:
                         pending = prefetch.submit()
-                    scored = batches.score(batch.images, batch.ids) if batch.ok else None
+                    batch, scored = _score_isolating_non_finite(batches, batch)
                     if measuring:
                         pending = prefetch.submit()
                     rows = self._rows(batch, scored)
@@ -287,6 +287,35 @@ class _Shard:
     def _row(self, i: int, batch: Batch, values: dict) -> dict[str, str]:
         name = escape_name(self.source.names[i])
         return seal(dict(values, index=self.index_of[i], file=name, sha256=batch.hashes.get(i, "")), self.digest)
+
+
+def _score_isolating_non_finite(batches: Batches, batch: Batch) -> tuple[Batch, Scored | None]:
+    """Score a batch; if the solve meets NaN or Inf, score its inputs one by one and mark those that fail.
+
+    Returns the batch with the failing inputs moved to ``failures`` (status ``non_finite``,
+    with the solver's message naming the time) and the results of the others.
+    """
+    if not batch.ok:
+        return batch, None
+    try:
+        return batch, batches.score(batch.images, batch.ids)
+    except FloatingPointError as e:
+        if len(batch.ok) == 1:
+            return Batch(batch.images[:0], [], {**batch.failures, batch.ok[0]: ("non_finite", str(e))}, batch.hashes, []), None
+    ok, keep, parts, failures = [], [], [], dict(batch.failures)
+    for j, i in enumerate(batch.ok):
+        try:
+            parts.append(batches.score(batch.images[j : j + 1], batch.ids[j : j + 1]))
+        except FloatingPointError as e:
+            failures[i] = ("non_finite", str(e))
+            continue
+        ok.append(i)
+        keep.append(j)
+    scored = parts[0] if parts else None
+    for part in parts[1:]:
+        scored = Scored.cat(scored, part)
+    ids = [batch.ids[j] for j in keep]
+    return Batch(batch.images[keep], ok, failures, batch.hashes, ids), scored
 
 
 def _fmt(x: float) -> str:
