@@ -104,10 +104,13 @@ class Dynamics:
     def divergence_var(self) -> Tensor | None:
         """Variance ``(B,)`` of the last ``div s`` estimate (its probes' mean), or ``None``.
 
-        From the per-probe estimates of that call when there are ``P >= 2`` probes
-        (sample variance / ``P``, docs/math.md s.9); ``None`` for one probe or an exact
-        divergence.
+        The estimator's own estimate from that call's products (``last_var``) where it
+        gives one, else the spread of its ``P >= 2`` per-probe estimates (sample variance
+        / ``P``); docs/math.md s.9. ``None`` for an exact divergence or where neither exists.
         """
+        var = getattr(self.divergence, "last_var", None)
+        if var is not None:
+            return var.to(torch.float64)
         samples = getattr(self.divergence, "last_samples", None)
         if samples is None or samples.ndim != 2 or samples.shape[0] < 2:
             return None
