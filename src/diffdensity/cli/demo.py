@@ -37,8 +37,9 @@ index.html (all of them on one page) into --out.
 EPILOG = "example:\n  diffdensity demo --out out/demo -n 8 --steps 32"
 TABLE_HEADER = ["sampler", "mean_logp_nats", "mean_logp_stderr_nats", "sd_logp_nats", "mean_bits_per_dim", *NFE_HEADER, "seconds"]
 NOTES = (
-    "log p is the log-density tracked along each sampler (an estimate: Hutchinson probes add the standard error shown "
-    "after +-; the reverse SDE's tracking has no Monte-Carlo part). Bits/dim = -log p / (D ln 2) + 7 on the 8-bit scale; "
+    "log p is the log-density tracked along each sampler, an estimate: where the tracking reports a standard error "
+    "(Monte-Carlo probes) it is shown after +- (the reverse SDE's tracking has no Monte-Carlo part: +-0); where none is "
+    "reported the column is empty. Bits/dim = -log p / (D ln 2) + 7 on the 8-bit scale; "
     "values below zero mean a density above one per 8-bit bin, which very flat images reach.",
     "Rows start from the same prior latents; the reverse SDE adds fresh noise along the way, so its images differ in content. "
     "Density guidance at q = 0.5 is the PF-ODE from latents rescaled to the median norm of the prior, so its row and its path lie close to the PF-ODE's.",
@@ -78,10 +79,11 @@ class Run:
         return torch.zeros_like(self.res.logp) if se is None else se
 
     def row(self) -> list:
+        """The table row; the standard error of the mean is empty where the tracking reports none."""
         lp, n = self.res.logp, len(self.res.logp)
-        mean_se = float(self.stderr().square().sum().sqrt()) / n
+        mean_se = round(float(self.stderr().square().sum().sqrt()) / n, 3) if self.has_stderr else ""
         sd = float(lp.std()) if n > 1 else 0.0
-        return [self.name, round(float(lp.mean()), 3), round(mean_se, 3), round(sd, 3), round(float(self.bpd.mean()), 4),
+        return [self.name, round(float(lp.mean()), 3), mean_se, round(sd, 3), round(float(self.bpd.mean()), 4),
                 *nfe_columns(self.res.nfe), round(self.seconds, 2)]
 
 
@@ -116,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
         r = Run(name, res, logp_to_bpd(res.logp, dim), time.perf_counter() - t0)
         runs.append(r)
         row = r.row()
-        print(f"{name:<16} {row[1]:>13.1f} +- {row[2]:<5.2g} {row[4]:>14.3f} {str(res.nfe):>30} {r.seconds:>9.1f}", flush=True)
+        err = f"+- {row[2]:<5.2g}" if r.has_stderr else " " * 8
+        print(f"{name:<16} {row[1]:>13.1f} {err} {row[4]:>14.3f} {str(res.nfe):>30} {r.seconds:>9.1f}", flush=True)
     written = write_outputs(out, args, runs, model.schedule, dim)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
