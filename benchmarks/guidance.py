@@ -54,7 +54,10 @@ def main() -> None:
     p.add_argument("--probes", type=int, default=1)
     p.add_argument("--mixture", default="anisotropic", choices=["component", "anisotropic", "image32"])
     p.add_argument("--only", choices=["dgsde"], help="run section 3 alone")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     gmm = gmm_preset("image32") if a.mixture == "image32" else mixture(a.mixture)
     gmm = dd.GaussianMixture(gmm.means.reshape(-1, 3, 32, 32), gmm.stds.reshape(-1, 3, 32, 32), gmm.log_weights.exp(), schedule=gmm.schedule, rotation=gmm.rotation)
     sched = gmm.schedule

@@ -320,7 +320,9 @@ def model_rows(schedule) -> list[tuple[str, dict]]:
         ("hd (threshold 2)", dict(method="hd", log_snr_threshold=2.0, solver="exp-heun")),
         ("prior-guidance q=0.5", dict(method="prior-guidance", q=0.5, solver="exp-heun")),
         ("custom ODE (k=1.5)", dict(custom, solver="exp-heun")),
-        ("stochastic-density-guidance", dict(method="stochastic-density-guidance", q=0.5, solver="euler-maruyama")),
+        ("stochastic-density-guidance", dict(method="stochastic-density-guidance", q=0.5, solver="split-heun")),
+        ("stochastic-density-guidance 24 steps", dict(method="stochastic-density-guidance", q=0.5, solver="split-heun", steps=24)),
+        ("stochastic-density-guidance (EM, before)", dict(method="stochastic-density-guidance", q=0.5, solver="euler-maruyama")),
         ("custom SDE (gamma=.5)", dict(custom_sde, solver="euler-maruyama")),
         ("pf-ode (heun, before)", dict(method="pf-ode", solver="heun")),
         ("sde (tweedie, before)", dict(method="sde", solver="tweedie")),
@@ -341,7 +343,8 @@ def section_model(n: int, only: str | None) -> None:
         if only and only not in name:
             continue
         t0 = time.perf_counter()
-        r = sample(model, x_T=x_T, steps=steps, generator=torch.Generator().manual_seed(1), **opts)
+        opts = {"steps": steps, **opts}
+        r = sample(model, x_T=x_T, generator=torch.Generator().manual_seed(1), **opts)
         runs.append((name, r, time.perf_counter() - t0))
     t0 = time.perf_counter()
     xs = torch.cat([r.x for _, r, _ in runs])

@@ -35,9 +35,9 @@ def test_gap_stderr_combines_both_estimates(gmm):
     """With Hutchinson re-encoding (4 probes) the gap is within a few of its stated standard errors."""
     r = dd.sample(gmm, 4, steps=64, divergence=Exact(), generator=gen(1), dtype=F64)
     rep = check_consistency(gmm, r, steps=64, probes=4, generator=gen(2))
-    if rep.reencoded_stderr is not None:  # the likelihood result states its error
-        assert (rep.gap_stderr >= rep.reencoded_stderr).all()
-        assert rep.within(5.0).all(), (rep.gap, rep.gap_stderr)
+    assert rep.reencoded_stderr is not None and (rep.reencoded_stderr > 0).all()  # the likelihood result states its error
+    assert (rep.gap_stderr >= rep.reencoded_stderr).all()
+    assert rep.within(5.0).all(), (rep.gap, rep.gap_stderr)
     assert rep.max_abs_gap < 2.0
 
 

@@ -69,7 +69,10 @@ class ConsistencyReport:
 
 
 def _stderr(obj: Any, index: Tensor) -> Tensor | None:
+    """The standard error a result states: ``logp_stderr`` (sampling), ``stderr`` (likelihood) or ``sqrt(logp_var)``."""
     se = getattr(obj, "logp_stderr", None)
+    if se is None:
+        se = getattr(obj, "stderr", None)
     if se is None:
         var = getattr(obj, "logp_var", None)
         se = None if var is None else var.clamp_min(0).sqrt()
