@@ -21,7 +21,7 @@ from .accel import prepare_model
 from .batches import Batches, Prefetch, Scored, Scorer
 from .distributed import ProcessGroup
 from .inputs import Batch, FileSource, Source, TensorSource, first_image_shape, list_images
-from .plan import FORMAT, Plan, plan
+from .plan import FORMAT, Plan, check_output, plan
 from .result import EvaluationResult, report
 from .rows import COLUMNS, escape_name, row_key, seal, settings_digest
 from .shards import PartWriter, ShardedCSV
@@ -183,6 +183,7 @@ def _shared_plan(pg: ProcessGroup, store: ShardedCSV, source: Source, settings: 
             raise ValueError("the ranks were given different data tensors; every rank must pass the same dataset")
 
     def planning():
+        check_output(store.out, source)  # before the lock file is created beside it
         lock.enter_context(store.lock())
         return plan(store, source, settings, overwrite)
 

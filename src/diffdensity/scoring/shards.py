@@ -122,7 +122,10 @@ class ShardedCSV:
 
         path = self.out.with_name(self.out.name + ".lock")
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise OSError(f"cannot write next to the output {self.out}: creating {path} failed ({e.strerror}); choose a writable folder") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
