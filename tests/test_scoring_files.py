@@ -260,3 +260,12 @@ def test_inputs_giving_non_finite_values_fail_alone(model, tmp_path):
         assert res.rows[i]["logp_nats"] == ref.rows[i]["logp_nats"]
     again = score_dataset(_NaNForBright(model), data, tmp_path / "nan.csv", **OPTS)  # the failed row is retried, nothing else
     assert again.resumed == 3 and again.n_failed == 1 and again.problems == []
+
+
+def test_numpy_integers_are_accepted(model, tmp_path):
+    write_images(tmp_path / "imgs", 2)
+    opts = dict(OPTS, steps=np.int64(OPTS["steps"]))
+    res = score_dataset(model, tmp_path / "imgs", tmp_path / "np.csv", seed=np.int64(0), batch_size=np.int32(1), probes=np.int8(1), **opts)
+    ref = score_dataset(model, tmp_path / "imgs", tmp_path / "py.csv", **OPTS)
+    assert res.settings["steps"] == 4 and type(res.settings["seed"]) is int
+    assert [r["logp_nats"] for r in res.rows] == [r["logp_nats"] for r in ref.rows]

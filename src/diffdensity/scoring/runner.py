@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -90,9 +91,10 @@ def score_dataset(
         Failed inputs are reported, never fatal; settings that conflict with an
         earlier run at ``out`` raise ``ValueError`` (pass ``overwrite=True``).
     """
+    batch_size = None if batch_size is None else v.check_positive_int(batch_size, "batch_size")
     settings, amp_dtype = _settings(
         model, steps=steps, solver=solver, grid=grid, divergence=divergence, probes=probes, noise=noise, draws=draws,
-        seed=seed, batch_size=batch_size, dtype=dtype, amp=amp, ad_mode=ad_mode,
+        seed=seed, dtype=dtype, amp=amp, ad_mode=ad_mode,
     )  # fmt: skip
     pg = ProcessGroup.join(device)
     try:
@@ -105,23 +107,22 @@ def score_dataset(
         pg.close()
 
 
-def _settings(model, *, steps, solver, grid, divergence, probes, noise, draws, seed, batch_size, dtype, amp, ad_mode):
+def _settings(model, *, steps, solver, grid, divergence, probes, noise, draws, seed, dtype, amp, ad_mode):
     """Check the options; the settings recorded with the results, and the autocast dtype (or ``None``)."""
     v.check_model(model)
-    v.check_positive_int(steps, "steps")
+    steps = v.check_positive_int(steps, "steps")
     if solver not in FIXED_SOLVERS:
         why = " (adaptive: its step sizes depend on the whole batch, so results would depend on the batching)"
         why = why if solver in TABLEAUX else ""
         raise ValueError(f"solver {solver!r} is not a fixed-step solver{why}; expected one of {FIXED_SOLVERS}")
     v.check_choice(grid, "grid", GRIDS)
     v.check_choice(divergence, "divergence", ("hutchinson", "exact"))
-    v.check_positive_int(probes, "probes")
+    probes = v.check_positive_int(probes, "probes")
     v.check_choice(noise, "noise", ("rademacher", "gaussian"))
-    v.check_positive_int(draws, "draws")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+    draws = v.check_positive_int(draws, "draws")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
-    if batch_size is not None:
-        v.check_positive_int(batch_size, "batch_size")
+    seed = int(seed)
     v.check_choice(ad_mode, "ad_mode", ("reverse", "forward", "auto"))
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
