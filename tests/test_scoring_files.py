@@ -269,3 +269,18 @@ def test_numpy_integers_are_accepted(model, tmp_path):
     ref = score_dataset(model, tmp_path / "imgs", tmp_path / "py.csv", **OPTS)
     assert res.settings["steps"] == 4 and type(res.settings["seed"]) is int
     assert [r["logp_nats"] for r in res.rows] == [r["logp_nats"] for r in ref.rows]
+
+
+@pytest.mark.parametrize("damage", ["delete", "garbage"])
+def test_lost_settings_file_still_resumes_rows_sealed_with_these_settings(model, tmp_path, damage):
+    write_images(tmp_path / "imgs", 3)
+    out = tmp_path / "m.csv"
+    ref = score_dataset(model, tmp_path / "imgs", out, **OPTS)
+    meta = tmp_path / "m.csv.meta.json"
+    meta.unlink() if damage == "delete" else meta.write_bytes(b"{\x00 not json")
+    counting = Counting(model)
+    res = score_dataset(counting, tmp_path / "imgs", out, **OPTS)
+    assert counting.rows == 0 and res.resumed == 3 and [r["logp_nats"] for r in res.rows] == [r["logp_nats"] for r in ref.rows]
+    meta.unlink()
+    with pytest.raises(ValueError, match="meta.json"):  # rows sealed under other settings do not count
+        score_dataset(model, tmp_path / "imgs", out, **{**OPTS, "steps": 5})

@@ -5,7 +5,8 @@ Rules (rank 0, holding the output's lock):
 * the output may not be a folder, an input, or a file with an image suffix, and its
   folder must be writable;
 * earlier results are resumed only with the same settings (else ``ValueError`` naming
-  the differences; ``overwrite=True`` discards them);
+  the differences; ``overwrite=True`` discards them); without a readable
+  ``out.meta.json``, only if some rows carry checksums of these settings;
 * a row is kept only if it passes :func:`~diffdensity.scoring.rows.problem` (checksum,
   fields, finite numbers); every other line is reported with its file and line;
 * an input is recomputed unless its row is ``ok`` and records the SHA-256 of the input's
@@ -62,9 +63,13 @@ def check_output(out: Path, source: Source) -> None:
         raise ValueError(f"cannot write the output {out}: the file is read-only")
 
 
-def _check_settings(store: ShardedCSV, settings: dict) -> None:
+def _check_settings(store: ShardedCSV, settings: dict, digest: str) -> None:
+    """Refuse earlier results computed otherwise. Without a readable ``meta.json``, rows sealed
+    with these very settings (their checksums include them) still allow resuming."""
     meta = store.read_meta()
     if meta is None:
+        if store.read_rows(lambda row: problem(row, digest))[0]:
+            return
         raise ValueError(
             f"{store.out} (or {store.parts_dir.name}/) exists but {store.meta_path.name} is missing or unreadable, so it "
             "cannot be resumed safely; pass overwrite=True (--overwrite) or choose another output"
@@ -97,9 +102,9 @@ def plan(store: ShardedCSV, source: Source, settings: dict, overwrite: bool) -> 
     check_output(store.out, source)
     if overwrite:
         store.remove()
-    elif store.exists():
-        _check_settings(store, settings)
     digest = settings_digest(settings)
+    if not overwrite and store.exists():
+        _check_settings(store, settings, digest)
     rows, problems = store.read_rows(lambda row: problem(row, digest))
     by_key: dict[str, dict[str, str]] = {}
     for row in rows:  # part files come after the output: the newer row of an input wins
