@@ -169,7 +169,7 @@ def plot_detail(path: Path, bpd: Tensor, size: Tensor, spearman: float) -> Path:
     rho = "n/a (fewer than 3 images or constant values)" if spearman != spearman else f"{-spearman:+.2f}"
     ax.set_title(f"detail vs density: Spearman {rho}", fontsize=10)
     for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_locator(MaxNLocator(nbins=5))
+        axis.set_major_locator(MaxNLocator(nbins=5, integer=axis is ax.yaxis))
         fmt = ScalarFormatter(useOffset=False)
         fmt.set_scientific(False)
         axis.set_major_formatter(fmt)

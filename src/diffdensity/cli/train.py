@@ -16,12 +16,13 @@ examples:
   diffdensity train --preset patches16 --out checkpoints/patches16
   diffdensity train --preset patches16 --max-minutes 30   # resume later with the same command
 """
-PRESETS = ("patches16", "tiny")
 
 
 def register(sub) -> argparse.ArgumentParser:
+    from ..bundled.training import PRESETS
+
     r = sub.add_parser("train", help=HELP, description=DESCRIPTION, formatter_class=HelpFormatter, epilog=EPILOG)
-    r.add_argument("--preset", choices=PRESETS, default="patches16", help="training preset")
+    r.add_argument("--preset", choices=list(PRESETS), default="patches16", help="training preset")
     r.add_argument("--out", default="checkpoints/patches16", help="output folder (weights, checkpoint, log)")
     r.add_argument("--steps", type=positive_int, default=None, help="override the preset's step count")
     r.add_argument("--max-minutes", type=positive_float, default=None, help="stop after this many minutes (resumable)")
