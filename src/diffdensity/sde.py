@@ -113,8 +113,8 @@ def check_scheme(scheme: Any, dynamics: Any, what: str = "scheme") -> str:
         raise ValueError(f"unknown stochastic {what} {scheme!r}; expected one of {SCHEMES}")
     if scheme not in supported:
         raise ValueError(
-            f"{what} {scheme!r} is not one {type(dynamics).__name__} supports ('tweedie' and its kin need the "
-            f"model's reverse SDE, 'split-heun' stochastic density guidance); it supports {supported}"
+            f"{what} {scheme!r} needs a Gaussian reverse kernel (the model's reverse SDE) or, for 'split-heun', "
+            f"a split step (stochastic density guidance); {type(dynamics).__name__} supports {supported}"
         )
     return scheme
 
