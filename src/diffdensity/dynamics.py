@@ -278,11 +278,6 @@ class SDEDynamics(Dynamics):
         """The Gaussian reverse kernel of ``scheme`` from ``(t, x)`` to ``t_next`` (dynamics that have one)."""
         raise NotImplementedError(f"{type(self).__name__} has no Gaussian reverse kernel; its schemes: {self.schemes}")
 
-    @property
-    def gaussian_kernel(self) -> bool:
-        """Whether :meth:`kernel` exists (a scheme beyond Euler-Maruyama); prefer :func:`diffdensity.sde.schemes_for`."""
-        return any(name != "euler-maruyama" for name in self.schemes)
-
     def __call__(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
         raise TypeError(f"{type(self).__name__} is stochastic: integrate it with diffdensity.sde.sdeint")
 
