@@ -267,3 +267,15 @@ def test_logp_out_is_checked_before_any_work(tmp_path, capsys):
 def test_detail_warns_about_ignored_flags(tmp_path, capsys):
     assert main(["detail", "--model", "gmm:image16", "-n", "5", "--steps", "2", "--resize", "box", "--out", str(tmp_path / "d")]) == 0
     assert "--resize, --fit and --alpha apply to --images only" in capsys.readouterr().err
+
+
+def test_every_sampling_command_spells_shared_options_alike():
+    from diffdensity.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for name in ("demo", "sample", "align", "detail", "logp"):
+        opts = {s: a for a in sub[name]._actions for s in a.option_strings}
+        assert opts["--device"].default == "auto" and opts["--seed"].default == 0 and "--model" in opts, name
+        assert sub[name].description, name
+        if name != "logp":
+            assert "-n" in opts and "--n" in opts and "--steps" in opts, name

@@ -29,8 +29,12 @@ command resumes an interrupted job.
 """
 
 _EPILOG = """\
-output columns: index, file, logp (nats), bpd (bits/dim), nfe, status (ok | unreadable |
-wrong_shape), message. Exit status 1 if any input failed (all others are still scored).
+output columns: index, file, sha256 (of the file's bytes), logp_nats, logp_se_nats (standard
+error of the Hutchinson part, empty where none), bpd (bits/dim), nfe_forward, nfe_jvp, nfe_vjp
+(network passes per image), status (ok | unreadable | wrong_shape | ...), message, check (row
+checksum). OUT.meta.json beside the CSV records the settings. Exit status 1 if any input
+failed (all others are still scored), 2 for wrong options. Images must have the model's
+shape: prepare others with diffdensity.preprocess (docs/own-images.md).
 
 examples:
   diffdensity logp images/ --out scores.csv
