@@ -119,3 +119,12 @@ def test_refusals_name_the_argument(pixel_folder, tmp_path):
 
     with pytest.raises(ValueError, match="EvilModel"):
         _allowed_class(bad / "text_encoder" / "config.json", "architectures", TEXT_ENCODERS)
+
+
+def test_latents_follow_the_network_dtype(pixel_folder, latent_folder):
+    pipe = DensityGuidedPipeline.from_pretrained(pixel_folder, torch_dtype=torch.float64)
+    out = pipe(num_inference_steps=2, generator=gen(4), output_type="pt")
+    assert out.result.x_T.dtype == torch.float64 and out.result.x.dtype == torch.float64
+    latent = DensityGuidedPipeline.from_pretrained(latent_folder)
+    out = latent(prompt="a cat", guidance_scale=1.0, num_inference_steps=2, generator=gen(5), output_type="pt")
+    assert out.result.x_T.dtype == next(latent.model.base.network.parameters()).dtype and out.images.shape == (1, 3, 16, 16)

@@ -196,8 +196,11 @@ class DensityGuidedPipeline:
         elif batch_size is not None:
             raise ValueError("batch_size applies to unconditional pipelines; with prompts use num_images_per_prompt")
         method, options = _method(method, q, method_options)
+        from ..models import placement
         from ..sampling import sample
 
+        if latents is None:  # drawn where the network is, in its dtype (a latent model's wrapper declares neither)
+            options["device"], options["dtype"] = placement(getattr(self.model, "base", self.model))
         res = sample(model, None if latents is not None else n, x_T=latents, method=method, steps=num_inference_steps,
                      generator=generator, model_kwargs=model_kwargs, track_logp=track_logp, **options)  # fmt: skip
         images = self._images(res.x, output_type)
@@ -229,8 +232,9 @@ def _method(method: str | None, q: Any, options: dict[str, Any]) -> tuple[str, d
     """The method name and its options (``q`` joins them when given)."""
     if method is None:
         method = "density-guidance" if (q is not None or "target_logp" in options) else "pf-ode"
+    options = dict(options)
     if q is not None:
-        options = {**options, "q": q}
+        options["q"] = q
     return method, options
 
 
