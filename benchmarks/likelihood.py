@@ -22,7 +22,13 @@ Rows: k-diffusion's ``log_likelihood`` (dopri5, rtol = atol = 1e-4, one Rademach
 fixed over the solve), flow_matching's ``ODESolver.compute_likelihood`` (dopri5, same
 tolerances, one fixed probe), ``dd.log_likelihood(model, x)`` with no options, and the
 default at forced forward / reverse AD mode. Printed: network passes per sample, MAE,
-bias, the mean reported standard error, wall time and the ratios to k-diffusion.
+bias, the mean reported standard error, wall time and the ratios (wall, process CPU,
+MAE) to k-diffusion.
+
+``--unet``: the bundled U-Net on held-out patches, seconds per image and the spread over
+probe seeds of our default and of a k-diffusion-style dopri5 with one fixed probe, a
+reference from RK4 with 48 steps and 32 probes per stage on a few patches, and the time
+of both AD modes with the mode ``"auto"`` chose.
 
     python benchmarks/likelihood.py                       # peers on component and hard, 16 points
     python benchmarks/likelihood.py --problems anisotropic

@@ -343,18 +343,18 @@ class SlowTangents(CountingNet):
 
 def test_auto_mode_is_measured_and_cached_per_signature():
     gmm, x, t = setup(dim=6, b=4, seed=44)
-    net = SlowTangents(gmm, divergence.AUTO_MIN_SECONDS + 0.05)
+    net = SlowTangents(gmm, 4 * divergence.AUTO_MIN_SECONDS + 0.05)
     est = dd.Hutchinson(2)
     est.reset(gen(45))
     nfe = dd.NFE()
     est(model_fn(net, t), x, nfe)
-    # forward was slow twice, reverse timed twice and chosen; all passes counted
+    # forward was slow, reverse timed once, clearly faster and chosen; all passes counted
     assert est.resolved_mode == "reverse" and set(est.mode_timings) == {"forward", "reverse"}
-    assert est.mode_timings["forward"] > divergence.AUTO_MIN_SECONDS > est.mode_timings["reverse"]
-    assert (nfe.jvp, nfe.vjp) == (4, 4)
+    assert est.mode_timings["forward"] > 4 * divergence.AUTO_MIN_SECONDS > 2 * est.mode_timings["reverse"]
+    assert (nfe.jvp, nfe.vjp) == (2, 2)
     calls = len(net.rows)
     est(model_fn(net, t), x, nfe)  # cached for this model, device, dtype, shape: no new measurement
-    assert len(net.rows) == calls + 1 and nfe.vjp == 6
+    assert len(net.rows) == calls + 1 and nfe.vjp == 4
     est(model_fn(net, t[:2]), x[:2], nfe)  # another shape: measured again
     assert len(net.rows) > calls + 2
     # a fast field keeps forward mode without timing reverse mode

@@ -251,7 +251,7 @@ def _meet_target(res, target, max_probes, model, x, divergence, est, steps, solv
         bad = (res.stderr > target).nonzero().flatten()
         need = float((res.stderr[bad] / target).square().max())
         probes = min(max_probes, max(2 * probes, math.ceil(probes * need)))
-        more = _estimator(divergence, probes) if isinstance(divergence, str) else type(est)(probes, noise=est.noise, resample=est.resample, mode=est.mode)
+        more = _estimator(divergence, probes) if isinstance(divergence, str) else Hutchinson(probes, noise=est.noise, resample=est.resample, mode=est.mode)
         r2 = _solve(model, x[bad], more, steps, solver, grid, generator, prior_logp, rtol, atol, cond)
         w1, w2 = 1 / res.stderr[bad].square(), 1 / r2.stderr.square()
         for name in ("logp", "delta_logp"):

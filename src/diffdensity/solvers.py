@@ -235,6 +235,12 @@ class _LogDensity:
         return self.totals.var(0) / self.totals.shape[0]
 
 
+def _check_tolerances(rtol, atol) -> None:
+    for name, tol in (("rtol", rtol), ("atol", atol)):
+        if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0 or not math.isfinite(tol):
+            raise ValueError(f"{name} must be a finite positive number, got {tol!r}")
+
+
 def odeint(
     func: ODEFunc,
     x: Tensor,
@@ -275,9 +281,7 @@ def odeint(
         raise ValueError(f"unknown solver {method!r}; expected one of {sorted(TABLEAUX)}")
     if control not in ("x", "both"):
         raise ValueError(f"unknown control {control!r}; expected 'x' or 'both'")
-    for name, tol in (("rtol", rtol), ("atol", atol)):
-        if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0 or not math.isfinite(tol):
-            raise ValueError(f"{name} must be a finite positive number, got {tol!r}")
+    _check_tolerances(rtol, atol)
     tab = TABLEAUX[method]
     ts = torch.as_tensor(ts, dtype=torch.float64).flatten()
     if ts.numel() < 2:
