@@ -321,6 +321,8 @@ def model_rows(schedule) -> list[tuple[str, dict]]:
         ("prior-guidance q=0.5", dict(method="prior-guidance", q=0.5, solver="exp-heun")),
         ("custom ODE (k=1.5)", dict(custom, solver="exp-heun")),
         ("stochastic-density-guidance", dict(method="stochastic-density-guidance", q=0.5, solver="split-heun")),
+        ("stochastic-density-guidance split-exp-heun", dict(method="stochastic-density-guidance", q=0.5, solver="split-exp-heun")),
+        ("stochastic-density-guidance split-exp-heun 24 steps", dict(method="stochastic-density-guidance", q=0.5, solver="split-exp-heun", steps=24)),
         ("stochastic-density-guidance 24 steps", dict(method="stochastic-density-guidance", q=0.5, solver="split-heun", steps=24)),
         ("stochastic-density-guidance (EM, before)", dict(method="stochastic-density-guidance", q=0.5, solver="euler-maruyama")),
         ("custom SDE (gamma=.5)", dict(custom_sde, solver="euler-maruyama")),

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .solvers import TABLEAUX, Solution, StepInfo, odeint
 
-__all__ = ["EXPONENTIAL_SOLVERS", "ODE_SOLVERS", "exp_odeint", "integrate_ode"]
+__all__ = ["EXPONENTIAL_SOLVERS", "ODE_SOLVERS", "exp_odeint", "exp_step", "integrate_ode"]
 
 EXPONENTIAL_SOLVERS = ("exp-heun", "exp-euler")
 """Fixed-step ODE solvers in the ``(mu, y)`` variables (need the schedule)."""
@@ -108,6 +108,13 @@ def _step(func, schedule, method: str, t0: float, t1: float, x: Tensor, track: b
     elif all(v is not None for v in rvars):
         var = sum((w * 0.5 * frames[i].mu / frames[i].dmu) ** 2 * v for i, (w, v) in enumerate(zip(weights, rvars)))
     return x_new, dlogp - dim * math.log(b.sigma / a.sigma), var
+
+
+def exp_step(func, schedule, t0: float, t1: float, x: Tensor, *, method: str = "exp-heun", track: bool = True):
+    """One step of an exponential solver from ``t0`` to ``t1``: ``(x', d logp or None, its variance or None)``."""
+    if method not in EXPONENTIAL_SOLVERS:
+        raise ValueError(f"unknown exponential solver {method!r}; expected one of {EXPONENTIAL_SOLVERS}")
+    return _step(func, schedule, method, float(t0), float(t1), x, track)
 
 
 def exp_odeint(

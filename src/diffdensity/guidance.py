@@ -36,6 +36,7 @@ from torch import Tensor
 from . import _validation as v
 from .divergence import jacobian_vector_product, model_fn
 from .dynamics import PFODE, Dynamics, SDEDynamics, SDETerms, _dot, _expand
+from .expint import exp_step
 from .methods import REQUIRED, Option, Phase, Plan, register_method
 from .schedules import Schedule
 
@@ -250,7 +251,7 @@ class StochasticDensityGuidance(_EtaGuard, SDEDynamics):
     of order ``D h`` (docs/guidance.md).
     """
 
-    schemes = ("split-heun", "euler-maruyama")
+    schemes = ("split-heun", "split-exp-heun", "euler-maruyama")
 
     def __init__(self, model, *, q: Tensor | float, noise: Any = "late", eta_cap: float = 10.0, residual: bool = False, **kwargs: Any):
         super().__init__(model, **kwargs)
@@ -263,19 +264,28 @@ class StochasticDensityGuidance(_EtaGuard, SDEDynamics):
         div = self.divergence if self.track_logp else None
         self.ode = DensityGuidedODE(model, z=self.z, eta_cap=self.eta_cap, divergence=div, cond=self.cond, nfe=self.nfe)
 
-    def split_step(self, t: float, t_next: float, x: Tensor, generator: torch.Generator | None, track: bool):
-        """One ``"split-heun"`` step from ``t`` to ``t_next < t``: ``(x', d logp or None, its variance or None)``."""
+    def split_step(self, t: float, t_next: float, x: Tensor, generator: torch.Generator | None, track: bool, scheme: str = "split-heun"):
+        """One split step from ``t`` to ``t_next < t``: ``(x', d logp or None, its variance or None)``.
+
+        ``"split-heun"``: the DG-ODE part by Heun in ``t``; ``"split-exp-heun"``: by the
+        exponential Heun step of :mod:`diffdensity.expint` (for learned networks).
+        """
         h, ode = t - t_next, self.ode
         t0, t1 = torch.tensor(t, dtype=torch.float64), torch.tensor(t_next, dtype=torch.float64)
-        u1, r1 = ode(t0, x)
-        v1 = self.divergence_var() if track else None
-        u2, r2 = ode(t1, x - h * u1)
-        v2 = self.divergence_var() if track else None
-        x_new = x - 0.5 * h * (u1 + u2)
+        if scheme == "split-exp-heun":
+            x_new, dlogp, _ = exp_step(ode, self.schedule, t, t_next, x, track=track)
+            v = self.divergence_var() if track else None
+            var = None if v is None else h**2 * v  # both stages at the last stage's variance, fully correlated
+        else:
+            u1, r1 = ode(t0, x)
+            v1 = self.divergence_var() if track else None
+            u2, r2 = ode(t1, x - h * u1)
+            v2 = self.divergence_var() if track else None
+            x_new = x - 0.5 * h * (u1 + u2)
+            dlogp = None if not track else -0.5 * h * (r1 + r2)
+            var = None if v1 is None or v2 is None else (0.5 * h) ** 2 * (v1.sqrt() + v2.sqrt()) ** 2
         if ode.capped is not None:
             self.capped = ode.capped.clone() if self.capped is None else self.capped | ode.capped
-        dlogp = None if not track else -0.5 * h * (r1 + r2)
-        var = None if v1 is None or v2 is None else (0.5 * h) ** 2 * (v1.sqrt() + v2.sqrt()) ** 2
         phi_t = self.phi_tilde(t1)
         if phi_t > 0:
             x_new, d_kick = self._kick(t1, x_new, phi_t, h, generator)

@@ -95,7 +95,7 @@ from .solvers import Solution, StepInfo
 
 __all__ = ["SCHEMES", "KERNEL_SCHEMES", "sdeint", "schemes_for", "check_scheme"]
 
-SCHEMES = ("tweedie", "tweedie-jvp", "ancestral", "euler-maruyama", "split-heun")
+SCHEMES = ("tweedie", "tweedie-jvp", "ancestral", "euler-maruyama", "split-heun", "split-exp-heun")
 """Names of the stochastic integrators; :func:`schemes_for` says which a dynamics supports."""
 
 
@@ -177,7 +177,8 @@ def sdeint(
     ``dynamics``: anything with ``terms(t, x)`` (:class:`~diffdensity.dynamics.SDETerms`)
     for ``"euler-maruyama"``, ``kernel(t, t_next, x, scheme, generator)``
     (:class:`~diffdensity.kernels.GaussianKernel`) for the Bayes-rule schemes, and
-    ``split_step(t, t_next, x, generator, track)`` for ``"split-heun"`` (an ODE step then
+    ``split_step(t, t_next, x, generator, track, scheme)`` for ``"split-heun"`` and
+    ``"split-exp-heun"`` (an ODE step then
     a noise kick, e.g. stochastic density guidance), as it lists them in ``schemes``. ``logp``: float64 ``(B,)`` log-density at ``ts[0]``, or ``None`` not
     to track it. ``scheme``: a name in :data:`SCHEMES` (``None``: the dynamics' default,
     :func:`schemes_for`). ``generator`` draws the Brownian increments; ``begin_step`` is
@@ -206,8 +207,8 @@ def sdeint(
             begin_step()
         if scheme == "euler-maruyama":
             x, dlp, dvar = _em_step(dynamics, t, t_next, x, generator, track)
-        elif scheme == "split-heun":
-            x, dlp, dvar = dynamics.split_step(t, t_next, x, generator, track)
+        elif scheme in ("split-heun", "split-exp-heun"):
+            x, dlp, dvar = dynamics.split_step(t, t_next, x, generator, track, scheme)
         else:
             x, dlp, dvar = _kernel_step(dynamics, t, t_next, x, generator, scheme, track)
         if track:
