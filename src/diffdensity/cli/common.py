@@ -28,6 +28,7 @@ __all__ = [
     "add_preprocess_options",
     "preprocessing_of",
     "resolve_device",
+    "flush_subnormals",
     "setup",
     "require_images",
     "latents",
@@ -163,14 +164,28 @@ def resolve_device(spec: str):
     return device
 
 
+def flush_subnormals(device) -> None:
+    """On the CPU, flush subnormal floats to zero (``torch.set_flush_denormal``).
+
+    Subnormals (``|x| < 1.2e-38`` in float32) make CPU arithmetic 10-30x slower; the
+    bundled U-Net produces them under density guidance at low q. Flushing them changes
+    values by less than 1e-38, far below every printed digit.
+    """
+    import torch
+
+    if torch.device(device).type == "cpu":
+        torch.set_flush_denormal(True)
+
+
 def setup(args: argparse.Namespace):
-    """Seed torch, resolve ``--device`` and load ``--model``; returns ``(model, event_shape)``."""
+    """Seed torch, resolve ``--device``, flush subnormal floats on the CPU and load ``--model``; returns ``(model, event_shape)``."""
     import torch
 
     from ..zoo import load_model
 
     args.device = resolve_device(args.device)
     torch.manual_seed(args.seed)
+    flush_subnormals(args.device)
     try:
         model = load_model(args.model, device=args.device)
     except (ValueError, FileNotFoundError, ImportError, OSError) as e:

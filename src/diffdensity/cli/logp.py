@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import CliError, HelpFormatter, add_model_options, output_file, positive_int, resolve_device
+from .common import CliError, HelpFormatter, add_model_options, flush_subnormals, output_file, positive_int, resolve_device
 
 HELP = "log-density and bits/dim of image files (CSV; resumable; runs under torchrun)"
 
@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
     output_file(args.out)
     pg = ProcessGroup.join(resolve_device(args.device))
+    flush_subnormals(pg.device)
     try:
         try:
             model = load_model(args.model, device=pg.device)
