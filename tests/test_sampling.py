@@ -387,3 +387,21 @@ def test_latents_take_the_device_and_dtype_the_model_declares(gmm):
     assert placement(object()) == (torch.device("cpu"), torch.get_default_dtype())
     with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
         dd.ScoreModel(lambda x, t: x, sched, dtype=torch.int64)
+
+
+def test_default_ode_solver_follows_the_kind_of_model(gmm):
+    assert sample(gmm, 2, steps=2, track_logp=False).settings["solvers"] == ["heun"]
+    net = dd.ScoreModel(_Net(4).double(), gmm.schedule, "eps", event_shape=(4,))
+    assert sample(net, 2, steps=2, track_logp=False).settings["solvers"] == ["exp-heun"]
+
+
+@pytest.mark.parametrize("method, options", [("pf-ode", {}), ("density-guidance", dict(q=0.7))])
+def test_tracked_standard_error_matches_the_spread_over_probe_seeds(method, options):
+    g = mixture(64, std_range=(0.1, 1.0))
+    x_T = g.schedule.prior_sample((4, 64), generator=gen(1), dtype=F64)
+    runs = [sample(g, x_T=x_T, method=method, steps=16, probes=2, generator=gen(100 + k), **options) for k in range(24)]
+    logp = torch.stack([r.logp for r in runs])
+    se = torch.stack([r.logp_stderr for r in runs]).mean(0)
+    ratio = logp.std(0) / se
+    assert ((ratio > 0.6) & (ratio < 1.6)).all(), ratio
+    assert sample(g, x_T=x_T, method=method, steps=16, probes=1, generator=gen(0), **options).logp_stderr is None

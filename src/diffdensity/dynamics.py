@@ -72,6 +72,9 @@ class Dynamics:
         self.cond = dict(cond or {})
         self.nfe = nfe if nfe is not None else NFE()
 
+    divergence_in_drift = False
+    """Whether the divergence estimate enters the drift (then it cannot be kept per probe)."""
+
     @property
     def step_dependent(self) -> bool:
         """Whether evaluations depend on the step they belong to (fresh random probes)."""

@@ -163,6 +163,7 @@ class DensityGuidedODE(_EtaGuard, Dynamics):
             raise ValueError(f"eta_cap must be positive, got {eta_cap}")
         self.z = normal_quantile(q) if q is not None else None if z is None else torch.as_tensor(z, dtype=torch.float64)
         self.rate_fn, self.eta_cap = rate, float(eta_cap)
+        self.divergence_in_drift = rate is not None  # div u_PF enters the drift
 
     def __call__(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
         sv = self.schedule(t)
@@ -230,7 +231,8 @@ class StochasticDensityGuidance(_EtaGuard, SDEDynamics):
         if scheme == "split-exp-heun":
             x_new, dlogp, _ = exp_step(ode, self.schedule, t, t_next, x, track=track)
             v = self.divergence_var() if track else None
-            var = None if v is None else h**2 * v  # both stages at the last stage's variance, fully correlated
+            # the rate's div s enters with (1/2) g^2; both stages at the last stage's variance, fully correlated
+            var = None if v is None else (0.5 * h * float(self.schedule(t1).g2)) ** 2 * v
         else:
             u1, r1 = ode(t0, x)
             v1 = self.divergence_var() if track else None
@@ -238,7 +240,10 @@ class StochasticDensityGuidance(_EtaGuard, SDEDynamics):
             v2 = self.divergence_var() if track else None
             x_new = x - 0.5 * h * (u1 + u2)
             dlogp = None if not track else -0.5 * h * (r1 + r2)
-            var = None if v1 is None or v2 is None else (0.5 * h) ** 2 * (v1.sqrt() + v2.sqrt()) ** 2
+            # Var of -(h/2)(r1 + r2), r_i = ... + (1/2) g_i^2 div s: stages share probes, so the
+            # Cauchy-Schwarz bound (sd1 + sd2)^2 (docs/math.md s.9)
+            c1, c2 = 0.5 * float(self.schedule(t0).g2), 0.5 * float(self.schedule(t1).g2)
+            var = None if v1 is None or v2 is None else (0.5 * h) ** 2 * (c1 * v1.sqrt() + c2 * v2.sqrt()) ** 2
         if ode.capped is not None:
             self.capped = ode.capped.clone() if self.capped is None else self.capped | ode.capped
         phi_t = self.phi_tilde(t1)

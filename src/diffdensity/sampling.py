@@ -23,11 +23,24 @@ from .methods import METHODS, MethodContext, Phase, Plan, resolve_options
 from .models import NFE, Model, placement
 from .schedules import GRIDS
 from .sde import SCHEMES, check_scheme, sdeint
-from .solvers import TABLEAUX, StepInfo, odeint
+from .expint import ODE_SOLVERS, integrate_ode
+from .solvers import StepInfo
 
 __all__ = ["sample", "SampleResult"]
 
-DEFAULT_ODE_SOLVER = "heun"
+DEFAULT_ODE_SOLVERS = {"network": "exp-heun", "exact": "heun"}
+"""Default solver of deterministic phases, by the kind of model (measured, docs/sampling.md):
+a learned network (a model that declares its ``network``) gets Heun in the variables that
+make the PF-ODE's linear part exact (:mod:`diffdensity.expint`), whose tracked log p stays
+close to the density of the sample it produces at few steps (median gap 9 nats against
+82 for Heun on the bundled model at 32 steps); an exact or closed-form score gets plain
+Heun, second order in ``t`` (5 nats against 12 for the exponential solver on the D = 3072
+mixture at 64 steps)."""
+
+
+def default_ode_solver(model: Any) -> str:
+    """The default ODE solver for ``model`` (see :data:`DEFAULT_ODE_SOLVERS`)."""
+    return DEFAULT_ODE_SOLVERS["network" if getattr(model, "network", None) is not None else "exact"]
 
 
 @dataclass
@@ -103,18 +116,18 @@ def _split_grid(grid: Tensor, ends: list[float]) -> list[Tensor]:
     return [grid[a : b + 1] for a, b in zip(cuts[:-1], cuts[1:])]
 
 
-def _resolve_solver(solver: str | None, phases: list[Phase], method: str) -> list[str]:
+def _resolve_solver(solver: str | None, phases: list[Phase], method: str, default_ode: str) -> list[str]:
     """The integrator of each phase: ``solver`` for the phases of its kind, defaults for the rest.
 
-    ``solver`` is one name: an ODE tableau of :data:`~diffdensity.solvers.TABLEAUX` (for
+    ``solver`` is one name: an ODE solver of :data:`~diffdensity.expint.ODE_SOLVERS` (for
     deterministic phases) or a stochastic scheme of :data:`~diffdensity.sde.SCHEMES` (for
     stochastic ones, checked against what each dynamics supports); the two sets of names
     are disjoint.
     """
     if solver is not None:
-        if not isinstance(solver, str) or solver not in (*TABLEAUX, *SCHEMES):
+        if not isinstance(solver, str) or solver not in (*ODE_SOLVERS, *SCHEMES):
             raise ValueError(
-                f"unknown solver {solver!r}; expected an ODE solver {tuple(sorted(TABLEAUX))} "
+                f"unknown solver {solver!r}; expected an ODE solver {ODE_SOLVERS} "
                 f"or a stochastic scheme {SCHEMES}"
             )
         stochastic = solver in SCHEMES
@@ -127,8 +140,31 @@ def _resolve_solver(solver: str | None, phases: list[Phase], method: str) -> lis
         if p.stochastic:
             out.append(check_scheme(given, p.dynamics, "solver"))
         else:
-            out.append(given or DEFAULT_ODE_SOLVER)
+            out.append(given or default_ode)
     return out
+
+
+def _ode_phase(phase: Phase, x: Tensor, ts: Tensor, lp: Tensor | None, solver: str, track_logp: bool, **options: Any):
+    """Integrate a deterministic phase with the ODE solver ``solver`` (any name of :data:`ODE_SOLVERS`).
+
+    With ``P >= 2`` Hutchinson probes whose estimates enter only the log-density rate,
+    the rates are kept per probe ``(P, B)``: their spread gives the standard error of
+    the tracked ``log p`` (docs/math.md s.9), at no extra network pass.
+    """
+    dyn = phase.dynamics
+    func = _require_rate(dyn, phase.name) if track_logp else dyn
+    est = dyn.divergence
+    per_probe = track_logp and getattr(est, "probes", 1) > 1 and getattr(est, "resample", "") != "call" and not dyn.divergence_in_drift
+    if per_probe:
+        est.per_probe = True
+    try:
+        return integrate_ode(
+            func, x, ts, schedule=dyn.schedule, logp=lp, method=solver, begin_step=dyn.begin_step,
+            fsal=not dyn.step_dependent, **options,
+        )  # fmt: skip
+    finally:
+        if per_probe:
+            est.per_probe = False
 
 
 def _require_rate(dyn: Dynamics, phase: str) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
@@ -187,9 +223,11 @@ def sample(
         steps: steps on ``grid`` from ``t_max`` to ``t_min``, shared by all phases
             (each phase boundary moves the nearest grid point onto itself); default
             per method (64 for ODEs, 256 for ``"sde"``).
-        solver: ODE phases take a Runge-Kutta solver (``"heun"`` default, ``"euler"``,
-            ``"midpoint"``, ``"rk4"``, adaptive ``"bosh3"`` / ``"dopri5"`` with
-            ``rtol`` / ``atol``); stochastic phases a scheme of :mod:`diffdensity.sde`
+        solver: ODE phases take an exponential solver (``"exp-heun"``, ``"exp-euler"``;
+            :mod:`diffdensity.expint`) or a Runge-Kutta one (``"heun"``, ``"euler"``,
+            ``"midpoint"``, ``"rk4"``, adaptive ``"bosh3"`` / ``"dopri5"`` with ``rtol`` /
+            ``atol``); default ``"exp-heun"`` for learned networks, ``"heun"`` for exact
+            scores (:data:`DEFAULT_ODE_SOLVERS`); stochastic phases a scheme of :mod:`diffdensity.sde`
             (``"tweedie"`` default for the reverse SDE, ``"ancestral"``,
             ``"euler-maruyama"``; each dynamics says which it supports). One name: it
             applies to the phases of its kind, the others keep their default.
@@ -278,7 +316,7 @@ def _run_plan(plan: Plan, ctx: MethodContext, *, method, steps, grid, solver, pr
     if any(b > a for a, b in zip([sched.t_max] + ends, ends)) or abs(ends[-1] - sched.t_min) > 1e-12 * max(1.0, abs(sched.t_min)):
         raise RuntimeError(f"method {method!r}: phase ends {ends} must decrease from t_max to t_min={sched.t_min:g}")
     x = x_T if plan.x_T is None else v.check_x(plan.x_T, model, name="x_T from the method")
-    solvers = _resolve_solver(solver, plan.phases, method)
+    solvers = _resolve_solver(solver, plan.phases, method, default_ode_solver(model))
     pieces = _split_grid(sched.time_grid(steps, spacing=grid), ends)
 
     lp0 = None
@@ -310,11 +348,7 @@ def _run_plan(plan: Plan, ctx: MethodContext, *, method, steps, grid, solver, pr
             if phase.stochastic:
                 sol = sdeint(dyn, x, ts, logp=lp, scheme=name, generator=generator, callback=cb, begin_step=dyn.begin_step)
             else:
-                func = _require_rate(dyn, phase.name) if track_logp else dyn
-                sol = odeint(
-                    func, x, ts, logp=lp, method=name, rtol=rtol, atol=atol, callback=cb,
-                    begin_step=dyn.begin_step, fsal=not dyn.step_dependent,
-                )  # fmt: skip
+                sol = _ode_phase(phase, x, ts, lp, name, track_logp, rtol=rtol, atol=atol, callback=cb)
             x, lp = sol.x, sol.logp
             var = _add_variance(var, getattr(sol, "logp_var", None))
             times.append(sol.ts if first else sol.ts[1:])
