@@ -238,7 +238,7 @@ def test_constructor_forms_and_errors():
 
 @pytest.mark.parametrize("name", SCHEDULE_NAMES)
 def test_fokker_planck_for_log_density(name):
-    """MATH.md (FP): d/dt log p_t(x) = -D f - f x.s + g^2 (div s + |s|^2) / 2 at fixed x,
+    """docs/math.md (FP): d/dt log p_t(x) = -D f - f x.s + g^2 (div s + |s|^2) / 2 at fixed x,
     checked with a 4th-order central difference of the exact log p_t in t."""
     sched = make_schedule(name)
     gmm = make_mixture(sched, 3, k=3, seed=21)

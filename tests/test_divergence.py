@@ -1,4 +1,4 @@
-"""Divergence estimators (MATH.md s.6) against the exact Laplacian of a Gaussian mixture."""
+"""Divergence estimators (docs/math.md s.6) against the exact Laplacian of a Gaussian mixture."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from diffdensity.divergence import Exact
 from diffdensity.dynamics import PFODE
 from diffdensity.guidance import DensityGuidedODE, chi_quantile, normal_quantile, rescale_latent
 from diffdensity.typicality import typicality
+from conftest import make_mixture
 
 
 def mixture(dim, k=3, seed=0, schedule=None, spread=(-2.0, 0.0)):
@@ -140,7 +141,7 @@ def test_typicality_is_centred_and_matches_its_exact_spread():
     """E[h_t] = 0 exactly (Stein's identity). Its spread is 1 only where noise dominates.
 
     For Gaussian data N(0, diag(c)) at time t, h_t has variance mean_d (sigma^2 / v_d)^2 with
-    v_d = alpha^2 c_d + sigma^2: MATH.md's "approximately N(0, 1)" is the high-noise limit.
+    v_d = alpha^2 c_d + sigma^2: the usual "approximately N(0, 1)" is the high-noise limit.
     """
     dim, n = 3072, 1024
     g = torch.Generator().manual_seed(5)
@@ -149,13 +150,13 @@ def test_typicality_is_centred_and_matches_its_exact_spread():
     gauss = dd.GaussianMixture(torch.zeros(1, dim, dtype=torch.float64), stds, schedule=dd.VP())
     for t in (0.1, 0.4, 0.7, 0.9):
         x = gauss.sample_t(n, t, generator=g)
-        h = typicality(gauss, x, t, probes=1, generator=torch.Generator().manual_seed(6))
+        h = typicality(gauss, x, t, probes=1, generator=torch.Generator().manual_seed(6)).h
         sv = gauss.schedule(torch.tensor(t, dtype=torch.float64))
         v = sv.alpha**2 * stds[0] ** 2 + sv.sigma**2
         expected_std = float(((sv.sigma**2 / v) ** 2).mean().sqrt())
         assert abs(float(h.mean())) < 4 * expected_std / math.sqrt(n)
         assert float(h.std()) == pytest.approx(expected_std, rel=4 / math.sqrt(2 * n))
-        if t >= 0.7:  # logSNR <= -4: the N(0, 1) regime of MATH.md s.4a
+        if t >= 0.7:  # logSNR <= -4: the N(0, 1) regime of docs/math.md s.4a
             assert abs(float(h.mean())) < 0.1 and abs(float(h.std()) - 1) < 0.15
         else:  # lower noise: clearly narrower than N(0, 1)
             assert float(h.std()) < 0.9
@@ -337,3 +338,18 @@ def test_split_heun_dg_sde_keeps_the_dg_ode_density_at_128_steps():
     for solver in ("split-heun", "split-exp-heun"):
         assert offsets["early", solver] < 2.5 and offsets["late", solver] < 2.5, offsets
     assert offsets["early", "euler-maruyama"] > 2 * offsets["early", "split-heun"], offsets
+
+
+def test_typicality_standard_error_matches_the_spread_over_probe_seeds():
+    """Rotated mixture (dense Jacobian): the stated error of h agrees with its spread over probes."""
+    g = make_mixture(dd.VP(), 64, seed=3)
+    x = g.sample_t(4, 0.5, generator=torch.Generator().manual_seed(1))
+    runs = [typicality(g, x, 0.5, probes=4, generator=torch.Generator().manual_seed(10 + k)) for k in range(32)]
+    h = torch.stack([r.h for r in runs])
+    se = torch.stack([r.stderr for r in runs]).mean(0)
+    ratio = h.std(0) / se
+    assert ((ratio > 0.6) & (ratio < 1.6)).all(), ratio
+    exact = typicality(g, x, 0.5, divergence="exact")
+    assert torch.equal(exact.stderr, torch.zeros(4, dtype=torch.float64))
+    assert abs(float(h.mean(0)[0] - exact.h[0])) < 4 * float(se[0]) / math.sqrt(32) + 1e-9
+    assert typicality(g, x, 0.5, probes=1, generator=torch.Generator().manual_seed(0)).stderr is None

@@ -200,7 +200,7 @@ def test_bits_per_dim():
     r = dd.bits_per_dim(gmm, images, draws=2, generator=gen(21), dtype=F64, solver="dopri5", divergence="exact", prior_logp=exact_prior(gmm), rtol=tol, atol=tol)
     dim = 16
     assert r.logp.shape == (2, 3) and r.bpd.shape == (3,) and r.bpd.dtype == F64
-    # the formula of MATH.md s.7, averaged over the dequantisation draws
+    # the formula of docs/math.md s.7, averaged over the dequantisation draws
     torch.testing.assert_close(r.bpd, (-r.logp / (dim * math.log(2)) + 7).mean(0), rtol=1e-14, atol=0)
     # the draws are u + U(0, 1) from the generator (divergence="exact" draws no probes)
     g = gen(21)

@@ -1,4 +1,4 @@
-"""The mode-tracking ODE (MATH.md s.4e) against brute force, closed forms and the HD sampler."""
+"""The mode-tracking ODE (docs/math.md s.4e) against brute force, closed forms and the HD sampler."""
 
 import math
 
@@ -53,7 +53,7 @@ def test_conjugate_gradient_flags_indefinite_matrices():
     assert torch.allclose(w[0], torch.ones(3, dtype=F64))
 
 
-# -- MATH.md s.4e against brute force ----------------------------------------------------------
+# -- docs/math.md s.4e against brute force ----------------------------------------------------------
 
 
 def test_bare_ode_follows_the_brute_force_argmax_1d():

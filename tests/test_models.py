@@ -1,4 +1,4 @@
-"""Model adapters (MATH.md s.2): parametrization round trips, formulas, guidance, NFE."""
+"""Model adapters (docs/math.md s.2): parametrization round trips, formulas, guidance, NFE."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def test_predictions_of_a_known_sample(name):
 
 
 def test_math_md_formulas():
-    """The conversions written in MATH.md s.2, evaluated literally."""
+    """The conversions written in docs/math.md s.2, evaluated literally."""
     g = gen(8)
     x = torch.randn(4, DIM, generator=g, dtype=F64)
     pred = torch.randn(4, DIM, generator=g, dtype=F64)

@@ -166,7 +166,7 @@ def test_custom_prior_logp(gmm):
 
 
 class ScaledScoreODE(ModifiedODE):
-    """``u = f x - k g^2 s / 2`` (tracked by MATH.md s.3b)."""
+    """``u = f x - k g^2 s / 2`` (tracked by docs/math.md s.3b)."""
 
     def __init__(self, model, k, **kwargs):
         super().__init__(model, **kwargs)

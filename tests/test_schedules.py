@@ -1,4 +1,4 @@
-"""Schedule identities (MATH.md s.1) against finite differences and closed forms."""
+"""Schedule identities (docs/math.md s.1) against finite differences and closed forms."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_f_and_g2_from_their_definitions(name):
     v = s(t)
     f_fd = fd(lambda u: torch.log(s(u).alpha), t, h)  # f = d log(alpha) / dt
     g2_fd = fd(lambda u: s(u).sigma ** 2, t, h) - 2 * f_fd * v.sigma**2  # d sigma^2/dt - 2 f sigma^2
-    g2_lam = -(v.sigma**2) * fd(s.log_snr, t, h)  # g^2 = -sigma^2 d lambda / dt (MATH.md s.1)
+    g2_lam = -(v.sigma**2) * fd(s.log_snr, t, h)  # g^2 = -sigma^2 d lambda / dt (docs/math.md s.1)
     if name in ("VE", "EDM"):
         assert torch.equal(v.f, torch.zeros_like(t))
     else:

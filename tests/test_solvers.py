@@ -14,7 +14,7 @@ from diffdensity.solvers import TABLEAUX, odeint
 
 
 class ExactPFODE:
-    """PF-ODE of an exact mixture with the closed-form Laplacian (MATH.md s.3a):
+    """PF-ODE of an exact mixture with the closed-form Laplacian (docs/math.md s.3a):
     dx/dt = f x - g^2 s / 2,  d log p_t(x_t)/dt = -D f + g^2 div s / 2. Counts its calls."""
 
     def __init__(self, gmm: dd.GaussianMixture):

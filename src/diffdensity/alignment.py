@@ -1,4 +1,4 @@
-"""Score alignment (MATH.md s.5).
+"""Score alignment (docs/math.md s.5).
 
 Let ``F`` be the PF-ODE map ``x_T -> x_0``. Score alignment holds at ``x_T`` when
 

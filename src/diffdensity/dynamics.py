@@ -1,4 +1,4 @@
-"""What a sampler integrates: drift, noise and log-density rate (MATH.md s.3-4).
+"""What a sampler integrates: drift, noise and log-density rate (docs/math.md s.3-4).
 
 Deterministic dynamics are called as ``dyn(t, x) -> (dx/dt, d log p_t(x_t)/dt)`` with
 ``t`` a float64 scalar tensor and ``x`` ``(B, *event_shape)``; the rate is float64
@@ -129,7 +129,7 @@ def _expand(v: Tensor, x: Tensor) -> Tensor:
 
 
 class PFODE(Dynamics):
-    """Probability-flow ODE ``u = f x - (1/2) g^2 s`` (MATH.md s.3a).
+    """Probability-flow ODE ``u = f x - (1/2) g^2 s`` (docs/math.md s.3a).
 
     With a divergence estimator the log-density rate is
     ``d/dt log p_t(x_t) = -div u = -D f + (1/2) g^2 div s``; without, it is ``None``.
@@ -147,7 +147,7 @@ class PFODE(Dynamics):
         return u, rate
 
 
-# -- modified deterministic dynamics (MATH.md s.3b, s.4d) ------------------------------------
+# -- modified deterministic dynamics (docs/math.md s.3b, s.4d) ------------------------------------
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -156,7 +156,7 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 
 
 class ModifiedODE(Dynamics):
-    """Base of deterministic dynamics ``dx/dt = u = u_PF + delta`` (MATH.md s.3b).
+    """Base of deterministic dynamics ``dx/dt = u = u_PF + delta`` (docs/math.md s.3b).
 
     Subclasses implement :meth:`drift`, returning ``u`` and ``delta = u - u_PF``. With a
     divergence estimator the log-density rate is
@@ -185,11 +185,11 @@ class ModifiedODE(Dynamics):
 
 
 class HDODE(ModifiedODE):
-    """High-density ODE ``u_HD = f x - g^2 s``: the reverse-SDE drift without its noise (MATH.md s.4d).
+    """High-density ODE ``u_HD = f x - g^2 s``: the reverse-SDE drift without its noise (docs/math.md s.4d).
 
     Compared with the PF-ODE it follows the score twice as strongly, so integrated
     backwards it climbs the density: ``d/dt log p = -div u_PF - (1/2) g^2 |s|^2``.
-    For Gaussian data it is exactly the mode-tracking ODE of MATH.md s.4e.
+    For Gaussian data it is exactly the mode-tracking ODE of docs/math.md s.4e.
     """
 
     def drift(self, t: Tensor, x: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
@@ -208,7 +208,7 @@ def _check_field(value: Any, x: Tensor, name: str) -> Tensor:
 
 
 class CustomODE(ModifiedODE):
-    """A user drift ``dx/dt = drift(x, t, s)`` (MATH.md s.3b).
+    """A user drift ``dx/dt = drift(x, t, s)`` (docs/math.md s.3b).
 
     ``drift`` receives ``x`` ``(B, *event_shape)``, ``t`` float64 ``(B,)`` and the score
     ``s`` at ``(x, t)``, and returns ``dx/dt`` of the shape of ``x`` (time runs from data
@@ -230,7 +230,7 @@ class CustomODE(ModifiedODE):
         return u, u.to(torch.float64) - u_pf
 
 
-# -- stochastic dynamics (MATH.md s.3c, s.3d) ---------------------------------------------
+# -- stochastic dynamics (docs/math.md s.3c, s.3d) ---------------------------------------------
 
 
 @dataclass
@@ -286,7 +286,7 @@ class SDEDynamics(Dynamics):
 
 
 class ReverseSDE(SDEDynamics):
-    """The model's reverse SDE ``dx = (f x - g^2 s) dt + g dW_bar`` (MATH.md s.3c).
+    """The model's reverse SDE ``dx = (f x - g^2 s) dt + g dW_bar`` (docs/math.md s.3c).
 
     Carried by the same increment ``dW`` that moves ``x``,
 
@@ -330,7 +330,7 @@ DiffusionFn = Callable[[Tensor, Tensor], "Tensor | float"]
 
 
 class CustomSDE(SDEDynamics):
-    """A user SDE ``dx = drift(x, t, s) dt + phi dW_bar`` with ``G = phi I`` (MATH.md s.3d).
+    """A user SDE ``dx = drift(x, t, s) dt + phi dW_bar`` with ``G = phi I`` (docs/math.md s.3d).
 
     ``diffusion`` is a number ``phi >= 0`` or a callable ``diffusion(x, t)`` returning a
     number or a ``(B,)`` tensor (``t`` float64 ``(B,)``). With the true score,

@@ -1,4 +1,4 @@
-"""Controlling log-density: density guidance and prior guidance (MATH.md s.4a-4c).
+"""Controlling log-density: density guidance and prior guidance (docs/math.md s.4a-4c).
 
 Density guidance asks the sampler for a chosen rate ``b_t`` of ``d/dt log p_t(x_t)``.
 Among ODEs with that rate the one closest to the PF-ODE moves along the score:
@@ -11,7 +11,7 @@ divergence, ``eta = 1 + sqrt(2D) Phi^-1(q) / |sigma s|^2``, so DG-ODE costs exac
 the PF-ODE costs. ``q > 0.5`` raises ``log p_0`` (smoother samples), ``q < 0.5`` lowers
 it (more detail), ``q = 0.5`` is the PF-ODE.
 
-Stochastic density guidance (DG-SDE, MATH.md s.4b) adds noise ``phi P dW`` projected
+Stochastic density guidance (DG-SDE, docs/math.md s.4b) adds noise ``phi P dW`` projected
 orthogonally to the score, ``P = I - s s^T / |s|^2``, with ``phi = phi~(t) g(t)``, and the
 drift correction ``+(1/2) g^2 phi~^2 (div s / |s|^2) s`` that cancels its Ito term: the
 log-density keeps the DG-ODE rate up to the residual ``-(1/2) phi^2 s^T (grad s) s / |s|^2``
@@ -19,7 +19,7 @@ log-density keeps the DG-ODE rate up to the residual ``-(1/2) phi^2 s^T (grad s)
 
 Guard: near a mode ``|s|`` vanishes and ``eta`` blows up (low dimension, ``q > 0.5``).
 ``eta - 1`` is clamped to ``[-eta_cap, eta_cap]``; the tracked log-density always
-uses the clamped ``eta``, i.e. the dynamics actually integrated (MATH.md s.3b):
+uses the clamped ``eta``, i.e. the dynamics actually integrated (docs/math.md s.3b):
 
     d/dt log p_t(x_t) = -div u_PF + s . (u~ - u_PF) = -div u_PF - (1/2) g^2 (eta - 1) |s|^2.
 """
@@ -87,7 +87,7 @@ def chi_quantile(q: float, dim: int) -> float:
 
 
 def rescale_latent(x_T: Tensor, q: float, schedule: Schedule) -> Tensor:
-    """Prior guidance (MATH.md s.4c): ``x_T * sigma_T chi_D^-1(q) / |x_T|``, per sample.
+    """Prior guidance (docs/math.md s.4c): ``x_T * sigma_T chi_D^-1(q) / |x_T|``, per sample.
 
     ``q = 0.5`` puts every latent at the prior's median norm.
     """
@@ -187,11 +187,11 @@ class DensityGuidedODE(_EtaGuard, Dynamics):
 
 
 class StochasticDensityGuidance(_EtaGuard, SDEDynamics):
-    """DG-SDE: ``dx = u dt + phi P dW_bar`` with the quantile ``q`` of the DG-ODE (MATH.md s.4b).
+    """DG-SDE: ``dx = u dt + phi P dW_bar`` with the quantile ``q`` of the DG-ODE (docs/math.md s.4b).
 
     ``u = f x - (1/2) g^2 (eta - phi~^2 div s / |s|^2) s``, ``phi = phi~(t) g(t)``, ``div s``
     by the divergence estimator (Hutchinson). The log-density rate is computed for the
-    drift actually integrated (after the ``eta_cap`` guard) from MATH.md s.3d,
+    drift actually integrated (after the ``eta_cap`` guard) from docs/math.md s.3d,
 
         d log p / dtau = D f - (1/2) g^2 div s + (1/2) g^2 (kappa - 1) |s|^2 + (1/2) phi^2 (div s - R),
 

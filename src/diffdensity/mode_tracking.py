@@ -1,4 +1,4 @@
-r"""The mode-tracking ODE: follow the mode of the denoising distribution (MATH.md s.4e).
+r"""The mode-tracking ODE: follow the mode of the denoising distribution (docs/math.md s.4e).
 
 Fix ``x_t`` at time ``t``. For ``s`` in ``[t_min, t]`` let ``y_s`` be the mode of
 
@@ -96,7 +96,7 @@ def conjugate_gradient(
 
 
 class ModeTrackingODE(Dynamics):
-    """``dy/ds`` of the mode of ``p(x_s | x_t)`` (MATH.md s.4e), anchored with :meth:`anchor`.
+    """``dy/ds`` of the mode of ``p(x_s | x_t)`` (docs/math.md s.4e), anchored with :meth:`anchor`.
 
     ``laplacian``: ``"model"`` uses ``model.laplacian(y, s)`` (differentiable, e.g. the
     exact mixture), ``"exact"`` builds ``div s`` from ``D`` double-backward passes,
@@ -245,7 +245,7 @@ def mode_tracking(
     """Follow the mode of ``p(x_s | x_t)`` from ``s = t`` (where it is ``x_t``) down to ``t_end``.
 
     ``x_t``: ``(B, *event_shape)`` at time ``t`` (default ``t_max``: ``x_t`` are latents);
-    ``t_end`` defaults to ``t_min``. The ODE of MATH.md s.4e is integrated with
+    ``t_end`` defaults to ``t_min``. The ODE of docs/math.md s.4e is integrated with
     ``solver`` over ``steps`` steps on ``grid``; after each step ``newton_steps``
     Newton iterations on the stationarity condition pull ``y`` back onto the mode
     (predictor-corrector continuation; ``0`` integrates the bare ODE).

@@ -1,4 +1,4 @@
-"""One protocol for every model: ``score(x, t, **cond) -> Tensor`` (MATH.md s.2).
+"""One protocol for every model: ``score(x, t, **cond) -> Tensor`` (docs/math.md s.2).
 
 Networks are trained to predict many things; :class:`ScoreModel` turns each into the
 score ``s(x, t) = grad_x log p_t(x)``. Plain callables ``fn(x, t, **cond)`` returning
@@ -128,7 +128,7 @@ def _bcast(v: ScheduleValues, x: Tensor) -> ScheduleValues:
 
 
 def prediction_to_score(pred: Tensor, x: Tensor, v: ScheduleValues, parametrization: str) -> Tensor:
-    """Convert a network output to the score (MATH.md s.2).
+    """Convert a network output to the score (docs/math.md s.2).
 
     ``v`` holds the schedule values at the batch's times, of shape ``(B,)``. For
     ``"edm"``, ``pred`` is ``D(x / alpha; sigma / alpha)``.

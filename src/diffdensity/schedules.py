@@ -1,4 +1,4 @@
-"""Forward processes ``x_t = alpha_t x_0 + sigma_t eps`` (MATH.md s.1).
+"""Forward processes ``x_t = alpha_t x_0 + sigma_t eps`` (docs/math.md s.1).
 
 A schedule is stateless: evaluated at a tensor ``t`` it returns alpha, sigma and
 their time derivatives together, from which the drift coefficient

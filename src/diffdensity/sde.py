@@ -11,7 +11,7 @@ Gaussian reverse kernel, if it has one) the dynamics say themselves,
 kernel; it never calls the network or the schedule itself.
 
 ``"euler-maruyama"`` (any :class:`~diffdensity.dynamics.SDEDynamics`; the reference)
-    With ``z ~ N(0, I)`` shared by both lines (MATH.md s.3c/3d)::
+    With ``z ~ N(0, I)`` shared by both lines (docs/math.md s.3c/3d)::
 
         x'    = x - u h + G sqrt(h) z
         logp' = logp + rate h + s . (G sqrt(h) z)
@@ -47,7 +47,7 @@ kernel; it never calls the network or the schedule itself.
     The mean is the DDPM posterior mean given the predicted ``x_0``. For the
     covariance, the isotropic ``v`` minimising ``KL(N(m, vI) || N(m, Cov))`` is, to
     first order in ``c``, ``(c / a^2)(1 + c div s / D)``. For ``x ~ p_t`` the typicality
-    statistic (MATH.md s.4a) says ``div s = -|s|^2 + O(sqrt(2 D) / sigma_t^2)``, so
+    statistic (docs/math.md s.4a) says ``div s = -|s|^2 + O(sqrt(2 D) / sigma_t^2)``, so
     ``div s / D = -|s|^2 / D`` up to a relative ``O(D^-1/2)``, at no cost::
 
         "tweedie":   v = (c / a^2)(1 - kappa),  kappa = c |s|^2 / D  clamped to [0, c / sigma_t^2]
