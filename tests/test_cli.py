@@ -91,7 +91,7 @@ def test_version_and_fast_help_paths(capsys):
     with pytest.raises(SystemExit):
         main(["sample", "--help"])
     text = capsys.readouterr().out
-    from diffdensity.methods import METHODS
+    from diffdensity.sampling import METHODS
 
     assert all(m in text for m in METHODS if m != "custom") and "custom" not in text.split("--method {")[1].split("}")[0]
 

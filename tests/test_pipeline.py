@@ -9,7 +9,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from diffdensity.integrations.pipeline import DensityGuidedPipeline, DensityPipelineOutput  # noqa: E402
-from diffdensity.methods import METHODS  # noqa: E402
+from diffdensity.sampling import METHODS  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),

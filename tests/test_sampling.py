@@ -6,10 +6,10 @@ import torch
 
 import diffdensity as dd
 from diffdensity.dynamics import HDODE, ModifiedODE, _expand
-from diffdensity.methods import METHODS, Option, Phase, Plan, register_method
+from diffdensity.methods import Option, Phase, Plan, register_method
 from diffdensity.methods import HD_DEFAULT_THRESHOLD
 from diffdensity.models import placement
-from diffdensity.sampling import SampleResult, _draw_latent, _split_grid, sample
+from diffdensity.sampling import METHODS, SampleResult, _draw_latent, _split_grid, sample
 from conftest import gen, make_mixture
 
 F64 = torch.float64

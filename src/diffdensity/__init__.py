@@ -1,67 +1,55 @@
-"""diffdensity: measure and steer the log-density of samples in diffusion and flow models."""
+"""diffdensity: measure and steer the log-density of samples in diffusion and flow models.
 
-from .analytic import GaussianMixture, random_rotation
-from .alignment import score_alignment
-from .divergence import Exact, Hutchinson
-from .guidance import chi_quantile, rescale_latent  # also registers the guidance methods
-from .likelihood import bits_per_dim, log_likelihood
-from .bundled import load_pretrained
-from .models import NFE, ClassifierFreeGuidance, ScoreModel
-from .mode_tracking import ModeTrackingResult, mode_tracking
-from .typicality import typicality
-from .methods import register_method
-from .sampling import SampleResult, sample
-from .schedules import EDM, VE, VP, DiscreteVP, RectifiedFlow, Schedule, VPCosine, VPLinear
+Every public name is imported on first use (``import diffdensity`` imports neither torch
+nor any optional library until a name is touched), so the command line starts fast. The
+table below is the public API; docs/architecture.md says why each name is in it.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    # schedules
-    "Schedule",
-    "VP",
-    "VPLinear",
-    "VPCosine",
-    "VE",
-    "EDM",
-    "RectifiedFlow",
-    "DiscreteVP",
-    # models
-    "ScoreModel",
-    "ClassifierFreeGuidance",
-    "NFE",
-    "GaussianMixture",
-    "random_rotation",
-    "load_pretrained",
-    # divergence
-    "Exact",
-    "Hutchinson",
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    # forward processes
+    "schedules": ("Schedule", "VP", "VPLinear", "VPCosine", "VE", "EDM", "RectifiedFlow", "DiscreteVP"),
+    # models, exact models, the bundled model
+    "models": ("ScoreModel", "ClassifierFreeGuidance", "NFE"),
+    "analytic": ("GaussianMixture", "random_rotation"),
+    "bundled": ("load_pretrained",),
+    # divergence estimators
+    "divergence": ("Exact", "Hutchinson"),
     # likelihood
-    "log_likelihood",
-    "bits_per_dim",
+    "likelihood": ("log_likelihood", "bits_per_dim"),
     # sampling and control
-    "sample",
-    "SampleResult",
-    "register_method",
-    "rescale_latent",
-    "chi_quantile",
-    "mode_tracking",
-    "ModeTrackingResult",
+    "sampling": ("sample", "SampleResult"),
+    "methods": ("register_method",),
+    "guidance": ("rescale_latent", "chi_quantile"),
+    "mode_tracking": ("mode_tracking", "ModeTrackingResult"),
     # diagnostics
-    "score_alignment",
-    "typicality",
-    # integrations (imported on first use)
-    "from_diffusers",
-    "from_diffusers_pretrained",
-    "LatentDiffusion",
-    "DiffusersScoreModel",
-]
+    "alignment": ("score_alignment",),
+    "typicality": ("typicality",),
+    "consistency": ("check_consistency",),
+    # integrations (optional extras)
+    "integrations.diffusers": ("from_diffusers", "from_diffusers_pretrained", "LatentDiffusion", "DiffusersScoreModel"),
+    "integrations.pipeline": ("DensityGuidedPipeline",),
+}
 
-_LAZY = {"from_diffusers", "from_diffusers_pretrained", "LatentDiffusion", "DiffusersScoreModel"}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = list(_WHERE)
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        from .integrations import diffusers
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'diffdensity' has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
-        return getattr(diffusers, name)
-    raise AttributeError(f"module 'diffdensity' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -17,16 +17,17 @@ import torch
 from torch import Tensor
 
 from . import _validation as v
+from . import guidance  # noqa: F401  (importing it registers the guidance methods)
 from .divergence import DivergenceEstimator, make_divergence
 from .dynamics import Dynamics
 from .methods import METHODS, MethodContext, Phase, Plan, resolve_options
 from .models import NFE, Model, placement
 from .schedules import GRIDS
-from .sde import SCHEMES, check_scheme, sdeint
 from .expint import ODE_SOLVERS, integrate_ode
+from .sde import SCHEMES, check_scheme, sdeint
 from .solvers import StepInfo
 
-__all__ = ["sample", "SampleResult"]
+__all__ = ["sample", "SampleResult", "METHODS"]
 
 DEFAULT_ODE_SOLVERS = {"network": "exp-heun", "exact": "heun"}
 """Default solver of deterministic phases, by the kind of model (measured, docs/sampling.md):
@@ -223,11 +224,9 @@ def sample(
         steps: steps on ``grid`` from ``t_max`` to ``t_min``, shared by all phases
             (each phase boundary moves the nearest grid point onto itself); default
             per method (64 for ODEs, 256 for ``"sde"``).
-        solver: ODE phases take an exponential solver (``"exp-heun"``, ``"exp-euler"``;
-            :mod:`diffdensity.expint`) or a Runge-Kutta one (``"heun"``, ``"euler"``,
-            ``"midpoint"``, ``"rk4"``, adaptive ``"bosh3"`` / ``"dopri5"`` with ``rtol`` /
-            ``atol``); default ``"exp-heun"`` for learned networks, ``"heun"`` for exact
-            scores (:data:`DEFAULT_ODE_SOLVERS`); stochastic phases a scheme of :mod:`diffdensity.sde`
+        solver: ODE phases take a name of :data:`~diffdensity.expint.ODE_SOLVERS`
+            (``"exp-heun"``, default for learned networks; ``"heun"``, default for exact
+            scores; ``"rk4"``, adaptive ``"dopri5"`` with ``rtol`` / ``atol``, ...); stochastic phases a scheme of :mod:`diffdensity.sde`
             (``"tweedie"`` default for the reverse SDE, ``"ancestral"``,
             ``"euler-maruyama"``; each dynamics says which it supports). One name: it
             applies to the phases of its kind, the others keep their default.

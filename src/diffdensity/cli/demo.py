@@ -35,6 +35,7 @@ log-density. Writes grid.png, logp_path.png, table.csv/json, samples.csv/json an
 index.html (all of them on one page) into --out.
 """
 EPILOG = "example:\n  diffdensity demo --out out/demo -n 8 --steps 32"
+DEMO_PROBES = 2  # Hutchinson probes per step: enough for every tracked value to carry its standard error
 TABLE_HEADER = ["sampler", "mean_logp_nats", "mean_logp_stderr_nats", "sd_logp_nats", "mean_bits_per_dim", *NFE_HEADER, "seconds"]
 NOTES = (
     "log p is the log-density tracked along each sampler, an estimate: where the tracking reports a standard error "
@@ -101,6 +102,7 @@ def samplers(qs) -> list[tuple[str, dict]]:
 
 def run(args: argparse.Namespace) -> int:
     """Samples from the same latents across density-guidance quantiles, plus PF-ODE, SDE and HD."""
+    from ..guidance import rescale_latent
     from ..likelihood import logp_to_bpd
     from ..sampling import sample
     from .progress import run_with_progress
@@ -109,12 +111,15 @@ def run(args: argparse.Namespace) -> int:
     require_images(args, shape)
     out = output_folder(args.out)
     dim = math.prod(shape)
-    x_T = latents(model, shape, args.n, args.seed, args.device)
+    # every row starts from the latents at the prior's median norm (density guidance's own
+    # default), so q = 0.5 and the PF-ODE integrate the same ODE from the same points
+    x_T = rescale_latent(latents(model, shape, args.n, args.seed, args.device), 0.5, model.schedule)
     runs = []
     print(f"{'sampler':<16} {'mean log p [nats]':>22} {'mean bits/dim':>14} {'passes per sample':>30} {'time [s]':>9}")
     for k, (name, opts) in enumerate(samplers(args.q)):
         t0 = time.perf_counter()
-        res = run_with_progress(sample, name, args.steps, model=model, x_T=x_T.clone(), generator=generator(args.seed + 1000 + k), **opts)
+        res = run_with_progress(sample, name, args.steps, model=model, x_T=x_T.clone(), generator=generator(args.seed + 1000 + k),
+                                probes=DEMO_PROBES, **opts)
         r = Run(name, res, logp_to_bpd(res.logp, dim), time.perf_counter() - t0)
         runs.append(r)
         row = r.row()

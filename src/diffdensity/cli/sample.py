@@ -49,24 +49,27 @@ FLAGS = {"q": "--q", "log_snr_threshold": "--log-snr-threshold", "target_logp": 
 
 def method_names() -> list[str]:
     """The registered sampling methods the command line can run (all but ``custom``, which needs a function)."""
-    from ..methods import METHODS
+    from ..sampling import METHODS  # every registered method, guidance included
 
     return [m for m in METHODS if m != "custom"]
 
 
 def hd_default() -> float:
     """The API's default ``log_snr_threshold`` of ``"hd"``."""
-    from ..methods import METHODS
+    from ..sampling import METHODS  # every registered method, guidance included
 
     return METHODS["hd"].options["log_snr_threshold"].default
 
 
+DEFAULT_PROBES = 2
+
+
 def solver_names() -> list[str]:
     """ODE solvers and stochastic schemes accepted by ``--solver``."""
+    from ..expint import ODE_SOLVERS
     from ..sde import SCHEMES
-    from ..solvers import TABLEAUX
 
-    return [*TABLEAUX, *SCHEMES]
+    return [*ODE_SOLVERS, *SCHEMES]
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -81,7 +84,8 @@ def register(sub) -> argparse.ArgumentParser:
     s.add_argument("--target-logp", type=finite_float, default=None, help="density guidance: wanted log p_0 in nats (instead of --q)")
     s.add_argument("--noise", choices=["early", "late"], default=None, help="noise window of stochastic density guidance")
     s.add_argument("--no-track", action="store_true", help="do not track the log-density")
-    s.add_argument("--probes", type=positive_int, default=1, help="Hutchinson probes per step for tracking")
+    s.add_argument("--probes", type=positive_int, default=DEFAULT_PROBES,
+                   help="Hutchinson probes per step for tracking (>= 2 gives each log p its standard error; one network pass serves them all)")
     s.add_argument("--check", type=positive_int, default=None, metavar="N",
                    help="re-encode the first N samples with the PF-ODE and report the gap to their tracked log-density")
     s.add_argument("--out", default="out/samples", help="output folder (PNG files, grid.png and samples.csv)")
@@ -91,7 +95,8 @@ def register(sub) -> argparse.ArgumentParser:
 
 def method_options(args: argparse.Namespace) -> dict:
     """The method's options from the flags; a flag the method does not take is a usage error."""
-    from ..methods import METHODS, REQUIRED
+    from ..methods import REQUIRED
+    from ..sampling import METHODS
 
     spec = METHODS[args.method]
     opts = {}
@@ -118,7 +123,7 @@ def is_adaptive(solver: str | None) -> bool:
 
 def resolve_steps(args: argparse.Namespace) -> int:
     """``--steps`` or the method's default; a warning where an adaptive solver only takes its first step from it."""
-    from ..methods import METHODS
+    from ..sampling import METHODS  # every registered method, guidance included
 
     if is_adaptive(args.solver) and args.steps is not None:
         warn("sample", f"--steps {args.steps} only sets the first step size of the adaptive --solver {args.solver}, which chooses its own steps")
@@ -131,9 +136,9 @@ def check_ignored(args: argparse.Namespace) -> None:
         raise CliError("--check compares tracked log-densities: drop --no-track", 2)
     if args.check is not None and args.check > args.n:
         raise CliError(f"--check {args.check} exceeds -n {args.n}; re-encode at most -n samples", 2)
-    if args.probes != 1 and args.no_track:
+    if args.probes != DEFAULT_PROBES and args.no_track:
         warn("sample", f"--probes {args.probes} is ignored with --no-track (nothing is tracked)")
-    elif args.probes != 1 and args.method == "sde":
+    elif args.probes != DEFAULT_PROBES and args.method == "sde":
         warn("sample", f"--probes {args.probes} is ignored by --method sde (its log-density needs no divergence estimate)")
 
 
