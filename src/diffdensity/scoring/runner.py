@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _validation as v
-from ..likelihood import logp_to_bpd
+from ..likelihood import DEFAULT_PROBES, DEFAULT_SOLVER, DEFAULT_STEPS, logp_to_bpd
 from ..schedules import GRIDS
 from ..solvers import TABLEAUX
 from .accel import prepare_model
@@ -36,11 +36,11 @@ def score_dataset(
     data: Tensor | str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,
     *,
-    steps: int = 64,
-    solver: str = "heun",
+    steps: int = DEFAULT_STEPS,
+    solver: str = DEFAULT_SOLVER,
     grid: str = "log_snr",
     divergence: str = "hutchinson",
-    probes: int = 1,
+    probes: int = DEFAULT_PROBES,
     noise: str = "rademacher",
     draws: int = 1,
     seed: int = 0,
@@ -70,7 +70,8 @@ def score_dataset(
             in sorted order), or an integer tensor ``(N, *event_shape)`` in ``[0, 255]``.
         out: the CSV to write; ``out.meta.json`` records the settings and ``out.parts/``
             holds the per-rank rows while a job runs; earlier results are resumed.
-        steps, solver, grid: the fixed-step PF-ODE solve (``euler``, ``heun``, ``midpoint``, ``rk4``).
+        steps, solver, grid: the fixed-step PF-ODE solve (``euler``, ``heun``, ``midpoint``, ``rk4``;
+            default the likelihood defaults, RK4 with 24 logSNR steps).
         divergence: ``"hutchinson"`` (``probes`` probes, ``noise`` ``"rademacher"`` or
             ``"gaussian"``, fresh every step) or ``"exact"`` (D Jacobian products).
         draws: dequantisation draws per input; ``logp`` is their average.
