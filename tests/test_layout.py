@@ -161,3 +161,23 @@ def test_importing_the_package_and_the_cli_help_import_no_torch():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]", proc.stdout
+
+
+def test_result_objects_print_short():
+    from diffdensity._repr import short_repr
+    from diffdensity.alignment import ScoreAlignmentResult
+    from diffdensity.consistency import ConsistencyReport
+    from diffdensity.likelihood import BitsPerDimResult, LikelihoodResult
+    from diffdensity.mode_tracking import ModeTrackingResult
+    from diffdensity.scoring.result import EvaluationResult
+
+    for cls in (LikelihoodResult, BitsPerDimResult, ScoreAlignmentResult, ConsistencyReport, ModeTrackingResult, EvaluationResult):
+        assert cls.__repr__ is short_repr, cls
+    import torch
+
+    big = torch.randn(1000, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    res = LikelihoodResult(big[:, 0, 0, 0], big[:, 0, 0, 1], big[:, 0, 0, 2], big, dd.NFE(jvp=3), 24, {"solver": "rk4"})
+    text = repr(res)
+    assert len(text) < 400 and "tensor(" not in text and "<1000x3x16x16 float64" in text
+    short = repr(dd.sample(dd.GaussianMixture(torch.zeros(1, 2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64), schedule=dd.VP()), 5, steps=2))
+    assert short.startswith("SampleResult('pf-ode'") and "tensor(" not in short

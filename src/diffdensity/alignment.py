@@ -29,13 +29,16 @@ from .divergence import Hutchinson, jacobian_vector_product, model_fn
 from .dynamics import Dynamics, _expand
 from .models import NFE, Model
 from .solvers import TABLEAUX, odeint
+from ._repr import short_repr
 
 __all__ = ["ScoreAlignmentResult", "score_alignment"]
 
 
-@dataclass
+@dataclass(repr=False)
 class ScoreAlignmentResult:
     """``values`` (B,) float64: the alignment ``s_0(F(x_T)) . J_F s_T``; ``aligned`` where it is > 0."""
+
+    __repr__ = short_repr
 
     values: Tensor
     aligned: Tensor

@@ -25,11 +25,12 @@ from torch import Tensor
 
 from . import _validation as v
 from .likelihood import log_likelihood
+from ._repr import short_repr
 
 __all__ = ["ConsistencyReport", "check_consistency"]
 
 
-@dataclass
+@dataclass(repr=False)
 class ConsistencyReport:
     """Tracked against re-encoded log-density for a subset of a sampling result.
 
@@ -38,6 +39,8 @@ class ConsistencyReport:
     ``None``; ``gap_stderr`` combines those available (zeros if neither is). ``settings``:
     the re-encoding's options.
     """
+
+    __repr__ = short_repr
 
     index: Tensor
     tracked: Tensor

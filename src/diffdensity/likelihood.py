@@ -22,6 +22,7 @@ from .dynamics import PFODE
 from .models import NFE, Model
 from .schedules import GRIDS
 from .solvers import TABLEAUX, check_state, odeint
+from ._repr import short_repr
 
 __all__ = ["LikelihoodResult", "BitsPerDimResult", "log_likelihood", "bits_per_dim", "dequantize", "logp_to_bpd"]
 
@@ -34,7 +35,7 @@ DEFAULT_PROBES = 2
 MAX_ABS_X = 1e8
 
 
-@dataclass
+@dataclass(repr=False)
 class LikelihoodResult:
     """Per-sample log-likelihoods, float64 ``(B,)``, and how they were obtained.
 
@@ -51,6 +52,8 @@ class LikelihoodResult:
     ``settings["ad_mode"]``: the AD mode that ran (``"forward"`` / ``"reverse"``).
     """
 
+    __repr__ = short_repr
+
     logp: Tensor
     prior_logp: Tensor
     delta_logp: Tensor
@@ -62,7 +65,7 @@ class LikelihoodResult:
     error: Tensor | None = None
 
 
-@dataclass
+@dataclass(repr=False)
 class BitsPerDimResult:
     """Bits per dimension of 8-bit data, float64 ``(B,)``, averaged over dequantisation draws.
 
@@ -70,6 +73,8 @@ class BitsPerDimResult:
     the draws (``sqrt(sum_d se_d^2) / draws / (D ln 2)``; the spread over dequantisation
     draws is part of the quantity, not noise); ``None`` where the draws carry none.
     """
+
+    __repr__ = short_repr
 
     bpd: Tensor
     logp: Tensor  # (draws, B) continuous log-density of each dequantised input

@@ -42,6 +42,7 @@ from . import _validation as v
 from .dynamics import Dynamics, _expand
 from .models import NFE, Model
 from .solvers import TABLEAUX, StepInfo, odeint
+from ._repr import short_repr
 
 __all__ = ["ModeTrackingODE", "ModeTrackingResult", "mode_tracking", "conjugate_gradient", "LAPLACIANS"]
 
@@ -207,7 +208,7 @@ class ModeTrackingODE(Dynamics):
             return y + c * self._solve(s, yg, a, c, residual)
 
 
-@dataclass
+@dataclass(repr=False)
 class ModeTrackingResult:
     """The tracked mode ``y`` ``(B, *event_shape)`` of ``p(x_{t_end} | x_t)`` and diagnostics.
 
@@ -215,6 +216,8 @@ class ModeTrackingResult:
     (zero at an exact mode); ``score_norm``: ``|s_{t_end}(y)|``. ``path``: ``(S + 1, B,
     *event_shape)`` when ``record_path``; ``ts`` the times.
     """
+
+    __repr__ = short_repr
 
     y: Tensor
     ts: Tensor

@@ -12,10 +12,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._repr import short_repr
+
 __all__ = ["EvaluationResult", "report"]
 
 
-@dataclass
+@dataclass(repr=False)
 class EvaluationResult:
     """What :func:`score_dataset` did. ``rows`` (this run's inputs, in input order) is filled on rank 0 only.
 
@@ -27,6 +29,8 @@ class EvaluationResult:
     the output file (this run's inputs and those of earlier runs); ``seconds``: wall
     time of the scoring on rank 0.
     """
+
+    __repr__ = short_repr
 
     out: Path
     n_inputs: int
