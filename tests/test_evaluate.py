@@ -336,7 +336,7 @@ def test_cli_logp(tmp_path, capsys):
     folder = tmp_path / "patches"
     write_images(folder, 4, size=(16, 16))
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    PIL.fromarray(np.zeros((16, 16), np.uint8)).save(folder / "gray.png")  # 1 channel for an RGB model
+    PIL.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "gray.png")  # another size than the model's
     out = tmp_path / "scores.csv"
     argv = ["logp", str(folder), "--model", "gmm:image16", "--out", str(out), "--steps", "3", "--solver", "euler", "--probes", "1", "--quiet"]
     args = _parser().parse_args(argv)

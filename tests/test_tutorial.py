@@ -37,4 +37,10 @@ def test_own_images_tutorial_runs_as_written(tmp_path, monkeypatch, capsys):
     detail = (tmp_path / "out/mine/detail.csv").read_text()
     assert "resized 32x32 -> 16x16 (lanczos)" in detail and "greyscale replicated to RGB" in detail
     assert (tmp_path / "out/samples/samples.json").exists() and (tmp_path / "out/prepared.csv").exists()
+    # logp with --resize scores the same images as the prepared copies, and records the preprocessing
+    direct = {Path(r.split(",")[1]).name: r.split(",")[3] for r in (tmp_path / "out/mine.csv").read_text().splitlines()[1:]}
+    prepared = {Path(r.split(",")[1]).name: r.split(",")[3] for r in (tmp_path / "out/prepared.csv").read_text().splitlines()[1:]}
+    assert direct and direct.keys() == prepared.keys()
+    assert all(abs(float(direct[k]) - float(prepared[k])) < 1e-6 * abs(float(prepared[k])) for k in direct)  # same pixels, same noise
+    assert '"preprocess"' in (tmp_path / "out/mine.csv.meta.json").read_text()
     assert "tensor([" in out  # the API block printed its bits/dim

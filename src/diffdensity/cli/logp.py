@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 
-from .common import CliError, HelpFormatter, add_model_options, flush_subnormals, output_file, positive_int, resolve_device
+from .common import (
+    CliError, HelpFormatter, add_model_options, add_preprocess_options, flush_subnormals, output_file, positive_int,
+    preprocessing_of, resolve_device,
+)  # fmt: skip
 
 HELP = "log-density and bits/dim of image files (CSV; resumable; runs under torchrun)"
 
@@ -33,8 +36,8 @@ output columns: index, file, sha256 (of the file's bytes), logp_nats, logp_se_na
 error of the Hutchinson part, empty where none), bpd (bits/dim), nfe_forward, nfe_jvp, nfe_vjp
 (network passes per image), status (ok | unreadable | wrong_shape | ...), message, check (row
 checksum). OUT.meta.json beside the CSV records the settings. Exit status 1 if any input
-failed (all others are still scored), 2 for wrong options. Images must have the model's
-shape: prepare others with diffdensity.preprocess (docs/own-images.md).
+failed (all others are still scored), 2 for wrong options. Images of another size or mode
+are refused unless --resize/--fit/--alpha say how to prepare them (docs/own-images.md).
 
 examples:
   diffdensity logp images/ --out scores.csv
@@ -66,6 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ad-mode", choices=("reverse", "forward", "auto"), default="reverse",
                    help="Jacobian products by reverse mode (fastest for conv nets), forward mode (less memory) or auto")
     p.add_argument("--recursive", action="store_true", help="also take images from sub-folders")
+    add_preprocess_options(p)
     p.add_argument("--overwrite", action="store_true", help="discard earlier results at --out instead of resuming")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -102,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
                 model, args.inputs, args.out, steps=args.steps, solver=args.solver, grid=args.grid,
                 divergence=args.divergence, probes=args.probes, draws=args.draws, seed=args.seed,
                 batch_size=args.batch_size, device=pg.device, amp=args.amp, compile=args.compile, ad_mode=args.ad_mode,
-                recursive=args.recursive, overwrite=args.overwrite, model_id=model_id, progress=not args.quiet,
+                recursive=args.recursive, preprocess=preprocessing_of(args), overwrite=args.overwrite, model_id=model_id, progress=not args.quiet,
             )  # fmt: skip
         except ValueError as e:
             if pg.rank == 0:

@@ -7,7 +7,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -130,8 +130,11 @@ class Source:
 class FileSource(Source):
     """Image files; each is read once per load, hashed and decoded from the same bytes."""
 
-    def __init__(self, files: list[str], event_shape: tuple[int, ...]):
+    def __init__(self, files: list[str], event_shape: tuple[int, ...], *, decode: Callable | None = None):
+        """``decode(bytes, event_shape) -> (uint8 (C, H, W) array or None, status, message)``:
+        :func:`decode_image` by default, or a preprocessing's ``decode``."""
         self.names, self.event_shape = files, event_shape
+        self.decode = decode or decode_image
 
     def content_hash(self, i: int) -> str | None:
         h = hashlib.sha256()
@@ -152,7 +155,7 @@ class FileSource(Source):
                 failures[i] = ("unreadable", f"{type(e).__name__}: {e}")
                 continue
             hashes[i] = hashlib.sha256(data).hexdigest()
-            arr, status, message = decode_image(data, self.event_shape)
+            arr, status, message = self.decode(data, self.event_shape)
             if arr is None:
                 failures[i] = (status, message)
             else:

@@ -114,8 +114,8 @@ def report(result: EvaluationResult, file=None) -> None:
         print(f"logp: warning: ... and {len(s['problems']) - 20} more lines ignored", file=err)
     if s["mean_bpd"] is not None:
         se = s["mean_bpd_stderr"]
-        se_text = f"{se:.4f}" if se is not None else "nan"
-        print(f"logp: mean bits/dim {s['mean_bpd']:.4f} +- {se_text} (standard error over {s['n_ok']} inputs)", file=err)
+        spread = f" +- {se:.4f} (standard error over {s['n_ok']} inputs)" if se is not None else " (one input: no spread over inputs)"
+        print(f"logp: mean bits/dim {s['mean_bpd']:.4f}{spread}", file=err)
     failures = s["failures"]
     if failures:
         counts: dict[str, int] = {}

@@ -51,6 +51,7 @@ def score_dataset(
     compile: bool = False,
     ad_mode: str = "reverse",
     recursive: bool = False,
+    preprocess: Any = None,
     overwrite: bool = False,
     model_id: str | None = None,
     progress: bool = True,
@@ -83,6 +84,9 @@ def score_dataset(
         compile: ``torch.compile`` the network (batches are padded to one size).
         ad_mode: Jacobian products by ``"reverse"`` mode (fastest for conv nets),
             ``"forward"`` (less memory) or ``"auto"``; changes results only by rounding.
+        preprocess: a :class:`~diffdensity.preprocess.Preprocessing` for image files
+            (recorded in the settings when it changes pixels); ``None``: its defaults
+            (greyscale to RGB, opaque alpha dropped, other sizes refused with the fix).
         overwrite: discard earlier results at ``out`` instead of resuming.
         model_id: names the model in ``out.meta.json`` (default ``repr(model)``).
         progress: tqdm bar on rank 0. verbose: summary on stderr (rank 0).
@@ -97,15 +101,31 @@ def score_dataset(
         model, steps=steps, solver=solver, grid=grid, divergence=divergence, probes=probes, noise=noise, draws=draws,
         seed=seed, dtype=dtype, amp=amp, ad_mode=ad_mode,
     )  # fmt: skip
+    decode = _decoder(preprocess, data, settings)
     pg = ProcessGroup.join(device)
     try:
         return _evaluate(
             pg, model, data, Path(out), settings, dtype=dtype, amp=amp_dtype, ad_mode=ad_mode, batch_size=batch_size,
-            compile=compile, recursive=recursive, overwrite=overwrite, model_id=model_id or repr(model),
+            compile=compile, listing=(recursive, decode), overwrite=overwrite, model_id=model_id or repr(model),
             progress=progress, verbose=verbose,
         )  # fmt: skip
     finally:
         pg.close()
+
+
+def _decoder(preprocess: Any, data: Any, settings: dict) -> Callable:
+    """The image decoder of the file inputs; a preprocessing that changes pixels joins the settings."""
+    from ..preprocess import Preprocessing
+
+    if preprocess is None:
+        preprocess = Preprocessing()  # the documented defaults: greyscale replicated, opaque alpha dropped, nothing resized
+    if not isinstance(preprocess, Preprocessing):
+        raise TypeError(f"preprocess must be a diffdensity.preprocess.Preprocessing or None, got {type(preprocess).__name__}")
+    if isinstance(data, Tensor) and preprocess != Preprocessing():
+        raise ValueError("preprocess applies to image files; a data tensor must already have the model's shape")
+    if preprocess != Preprocessing():
+        settings["preprocess"] = preprocess.settings()
+    return preprocess.decode
 
 
 def _settings(model, *, steps, solver, grid, divergence, probes, noise, draws, seed, dtype, amp, ad_mode):
@@ -161,8 +181,11 @@ def _describe(e: Exception | None):
     return kind, str(e)
 
 
-def _make_source(pg: ProcessGroup, model, data, recursive: bool) -> Source:
-    """The inputs; rank 0 lists the files and every rank uses its list (same positions everywhere)."""
+def _make_source(pg: ProcessGroup, model, data, listing_options: tuple[bool, Callable]) -> Source:
+    """The inputs; rank 0 lists the files and every rank uses its list (same positions everywhere).
+
+    ``listing_options``: ``(recursive, decode)``, how folders are listed and files decoded."""
+    recursive, decode = listing_options
     event_shape = getattr(model, "event_shape", None)
     if isinstance(data, Tensor):
         return TensorSource(data, tuple(event_shape) if event_shape is not None else tuple(data.shape[1:]))
@@ -174,7 +197,7 @@ def _make_source(pg: ProcessGroup, model, data, recursive: bool) -> Source:
     files, shape = _on_rank0(pg, listing)
     if len(shape) != 3:
         raise ValueError(f"the model's event shape {tuple(shape)} is not an image shape (C, H, W)")
-    return FileSource(files, shape)
+    return FileSource(files, shape, decode=decode)
 
 
 def _shared_plan(pg: ProcessGroup, store: ShardedCSV, source: Source, settings: dict, overwrite: bool, lock: ExitStack):
@@ -195,9 +218,9 @@ def _shared_plan(pg: ProcessGroup, store: ShardedCSV, source: Source, settings: 
 
 
 def _evaluate(
-    pg, model, data, out, settings, *, dtype, amp, ad_mode, batch_size, compile, recursive, overwrite, model_id, progress, verbose
+    pg, model, data, out, settings, *, dtype, amp, ad_mode, batch_size, compile, listing, overwrite, model_id, progress, verbose
 ):
-    source = _make_source(pg, model, data, recursive)
+    source = _make_source(pg, model, data, listing)
     settings = dict(settings, model=model_id, data=source.fingerprint, format=FORMAT)
     store = ShardedCSV(out, COLUMNS)
     with ExitStack() as lock:
