@@ -221,7 +221,7 @@ class _StageSpread:
                 f"up to {worst:.3g} nats over the phase, more than half a nat per dimension); the tracked log p may be far "
                 f"off: use more steps",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=6,  # the caller of sample()
             )
 
 
