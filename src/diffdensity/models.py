@@ -15,6 +15,7 @@ made where the model lives; :class:`ScoreModel` reads them off its ``network`` (
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, runtime_checkable
 
@@ -77,7 +78,7 @@ def check_output(out: Any, x: Tensor, who: str) -> Tensor:
 def _network_placement(network: torch.nn.Module | None) -> tuple[torch.device | None, torch.dtype | None]:
     """Device and dtype of the first floating parameter (or buffer) of ``network``."""
     if network is not None:
-        for p in (*network.parameters(), *network.buffers()):
+        for p in itertools.chain(network.parameters(), network.buffers()):  # lazily: the first one usually answers
             if p.is_floating_point():
                 return p.device, p.dtype
     return None, None

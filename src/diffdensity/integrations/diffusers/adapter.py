@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from ...models import ScoreModel, broadcast_time, prediction_to_score
+from ...models import ScoreModel, broadcast_time, check_output, prediction_to_score
 from ...schedules import Schedule
 
 __all__ = ["DiffusersScoreModel", "event_shape_from_config", "ATTENTION"]
@@ -31,14 +31,6 @@ def _math_attention():
     except ImportError:  # pragma: no cover - torch < 2.3
         return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True, enable_mem_efficient=False)
     return sdpa_kernel([SDPBackend.MATH])
-
-
-def _network_dtype(network: torch.nn.Module) -> torch.dtype | None:
-    dtype = getattr(network, "dtype", None)
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    param = next(network.parameters(), None)
-    return None if param is None else param.dtype
 
 
 def event_shape_from_config(network: Any) -> tuple[int, ...] | None:
@@ -148,16 +140,14 @@ class DiffusersScoreModel(ScoreModel):
     def prediction(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
         """The network's output (``parametrization``) at ``(x, t)``, shape of ``x``, dtype of ``x``."""
         t = broadcast_time(t, x)
-        dtype = _network_dtype(self.network) or x.dtype
+        dtype = self.dtype or x.dtype
         ts = self.timestep(t).to(device=x.device, dtype=torch.float32)
         ctx = _math_attention() if self.attention == "math" else contextlib.nullcontext()
         with ctx:
             out = self.network(x.to(dtype), timestep=ts, **self._network_kwargs(cond, x.shape[0]), return_dict=False)[0]
         if out.ndim == x.ndim and out.shape[1] == 2 * x.shape[1] and out.shape[2:] == x.shape[2:]:
             out = out[:, : x.shape[1]]  # learned variance in the second half of the channels
-        if out.shape != x.shape:
-            raise ValueError(f"network output has shape {tuple(out.shape)}, expected {tuple(x.shape)}")
-        return out.to(x.dtype)
+        return check_output(out, x, type(self.network).__name__).to(x.dtype)
 
     def score(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
         t = broadcast_time(t, x)
