@@ -27,10 +27,11 @@ evaluation when shared, ``P`` when folded).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -116,6 +117,19 @@ class DivergenceEstimator:
         self.mode_timings: dict[str, float] = {}
         self._mode_cache: dict[tuple, str] = {}
         self._folded: set[str] = set()  # modes whose shared-primal form failed on this estimator
+
+    @contextlib.contextmanager
+    def probe_rates(self, wanted: bool = True) -> Iterator[bool]:
+        """Within the block, calls return per-probe estimates ``(P, B)`` where they carry a variance.
+
+        That is ``P >= 2`` probes shared by the stages of a step or a solve (probes fresh at
+        every call carry their own estimate, ``last_var``, instead). Yields whether it is on.
+        """
+        self.per_probe = wanted and getattr(self, "probes", 1) > 1 and getattr(self, "resample", "call") != "call"
+        try:
+            yield self.per_probe
+        finally:
+            self.per_probe = False
 
     def reset(self, generator: torch.Generator | None = None) -> None:
         """Start of a solve."""

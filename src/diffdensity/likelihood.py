@@ -185,18 +185,14 @@ def _solve(model, x, est, steps, solver, grid, generator, prior_logp, rtol, atol
     resample = getattr(est, "resample", "solve")
     # fresh probes at every stage: each rate's own variance; otherwise the probes' spread
     func = _WithRateVariance(dyn) if resample == "call" else dyn
-    est.per_probe = resample != "call" and getattr(est, "probes", 1) > 1
     primal0 = est.primal_passes
-    try:
-        with torch.no_grad():
-            sol = odeint(
-                func, x, ts, logp=torch.zeros(x.shape[0], dtype=torch.float64, device=x.device), method=solver,
-                rtol=rtol, atol=atol, begin_step=dyn.begin_step, fsal=resample in ("solve", "call"),
-                control="x" if isinstance(est, Hutchinson) else "both", independent_steps=resample != "solve",
-            )
-            prior = (prior_logp or sched.prior_log_prob)(sol.x)
-    finally:
-        est.per_probe = False
+    with est.probe_rates(), torch.no_grad():
+        sol = odeint(
+            func, x, ts, logp=torch.zeros(x.shape[0], dtype=torch.float64, device=x.device), method=solver,
+            rtol=rtol, atol=atol, begin_step=dyn.begin_step, fsal=resample in ("solve", "call"),
+            control="x" if isinstance(est, Hutchinson) else "both", independent_steps=resample != "solve",
+        )
+        prior = (prior_logp or sched.prior_log_prob)(sol.x)
     if not isinstance(prior, Tensor) or prior.shape != (x.shape[0],):
         got = tuple(prior.shape) if isinstance(prior, Tensor) else type(prior).__name__
         raise ValueError(f"prior_logp must return one log-density per sample, shape ({x.shape[0]},); got {got}")

@@ -10,6 +10,7 @@ each a dynamics integrated down to a time; this module only runs plans.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -157,18 +158,12 @@ def _ode_phase(phase: Phase, x: Tensor, ts: Tensor, lp: Tensor | None, solver: s
     dyn = phase.dynamics
     func = _require_rate(dyn, phase.name) if track_logp else dyn
     est = dyn.divergence
-    per_probe = track_logp and getattr(est, "probes", 1) > 1 and getattr(est, "resample", "") != "call" and not dyn.divergence_in_drift
-    if per_probe:
-        est.per_probe = True
     watch = _StageSpread(func, dyn.begin_step) if track_logp else None
-    try:
+    with est.probe_rates(track_logp and not dyn.divergence_in_drift) if est is not None else contextlib.nullcontext():
         sol = integrate_ode(
             watch or func, x, ts, schedule=dyn.schedule, logp=lp, method=solver,
             begin_step=watch.begin_step if watch else dyn.begin_step, fsal=not dyn.step_dependent, **options,
         )  # fmt: skip
-    finally:
-        if per_probe:
-            est.per_probe = False
     if watch is not None:
         watch.warn_if_unresolved(phase.name, len(ts) - 1, math.prod(x.shape[1:]))
     return sol
