@@ -158,11 +158,15 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def peers(kind: str, n: int) -> None:
+def problem(kind: str, n: int):
+    """The mixture, ``n`` data points (seed 1), their exact log p_0 and the exact prior log p_T."""
     gmm = mixture(kind)
     x = gmm.sample(n, generator=torch.Generator().manual_seed(1))
-    exact = gmm.log_prob(x, gmm.schedule.t_min)
-    prior = lambda z: gmm.log_prob(z, gmm.schedule.t_max)  # noqa: E731
+    return gmm, x, gmm.log_prob(x, gmm.schedule.t_min), lambda z: gmm.log_prob(z, gmm.schedule.t_max)
+
+
+def peers(kind: str, n: int) -> None:
+    gmm, x, exact, prior = problem(kind, n)
     print(f"\n== {kind} mixture, D={DIM}, {n} points; exact mean log p_0 = {exact.mean():.1f} nats")
     print(f"{'estimator':<44} {'passes/sample':>22} {'MAE':>7} {'bias':>7} {'mean se':>8} {'wall s':>7} {'wall/kd':>8} {'cpu/kd':>7} {'MAE/kd':>7}")
     rows = []
@@ -213,10 +217,7 @@ CHOICES = [
 
 def choices(kind: str, n: int) -> None:
     """The evidence for the defaults: discretisation alone (oracle) and with Hutchinson's noise."""
-    gmm = mixture(kind)
-    x = gmm.sample(n, generator=torch.Generator().manual_seed(1))
-    exact = gmm.log_prob(x, gmm.schedule.t_min)
-    prior = lambda z: gmm.log_prob(z, gmm.schedule.t_max)  # noqa: E731
+    gmm, x, exact, prior = problem(kind, n)
     print(f"\n== settings on the {kind} mixture, D={DIM}, {n} points")
     print(f"{'setting':<46} {'evaluations':>11} {'MAE':>7} {'bias':>7} {'std':>7} {'mean se':>8} {'wall s':>7}")
     for label, opts in CHOICES:

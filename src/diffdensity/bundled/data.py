@@ -43,6 +43,7 @@ The patch tensors are cached as ``.npy`` files under :func:`cache_dir`
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -51,6 +52,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._files import atomic_write
 from ..likelihood import dequantize
 
 __all__ = ["IMAGES", "PATCH_SIZE", "cache_dir", "load_images", "patches", "to_model_space", "split_mask"]
@@ -177,10 +179,9 @@ def patches(split: str = "train", *, cache: bool = True) -> Tensor:
             pass  # rebuild a damaged cache file
     arr = _build(split)
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, arr, allow_pickle=False)
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)
+        atomic_write(path, buf.getvalue())
     return torch.from_numpy(arr)
 
 
