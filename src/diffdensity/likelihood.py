@@ -214,14 +214,15 @@ def _solve(model, x, est, steps, solver, grid, generator, prior_logp, rtol, atol
 
 class _WithRateVariance:
     """PF-ODE dynamics returning ``(u, rate, Var(rate))``: ``Var = (g^2 / 2)^2 Var(div s)``
-    from the estimator's own variance estimate of its last call (docs/math.md s.3a, s.6)."""
+    with ``Var(div s)`` of the last call from :meth:`~diffdensity.dynamics.Dynamics.divergence_var`
+    (docs/math.md s.3a, s.6)."""
 
     def __init__(self, dyn: PFODE):
         self.dyn = dyn
 
     def __call__(self, t: Tensor, x: Tensor):
         u, rate = self.dyn(t, x)
-        var = getattr(self.dyn.divergence, "last_var", None)
+        var = self.dyn.divergence_var()
         return u, rate, None if var is None else (0.5 * self.dyn.schedule(t).g2) ** 2 * var
 
 
