@@ -107,7 +107,6 @@ def section_errors(n: int, quick: bool) -> None:
     print(f"1. Tracking error, {gmm!r}, {n} samples (built in {time.perf_counter() - t0:.0f} s)")
     print(f"   {'method':<36} {'mean |err|':>10} {'max |err|':>10} {'bias':>9} {'NFE per sample':>26} {'time s':>7}")
     prior = lambda z: gmm.log_prob(z, sched.t_max)  # noqa: E731
-    exponential_ode_solvers(gmm)
     results = {}
     for name, opts in error_rows(gmm, quick):
         t0 = time.perf_counter()
@@ -292,29 +291,14 @@ def plot_hd(path: Path, out, rows: int) -> None:
 REENCODE = dict(steps=128, solver="heun", grid="log_snr", probes=4)  # pinned re-encoding settings
 
 
-def exponential_ode_solvers(model) -> str:
-    """Let ``sample(solver=...)`` name the exponential ODE solvers of ``diffdensity.expint``.
-
-    Where ``sample()`` does not dispatch them itself yet, its module-level ODE entry point
-    is routed through ``expint.integrate_ode`` for this process (the model's schedule
-    bound), which is what ``sample()`` does once it dispatches them.
-    """
-    from diffdensity import sampling
-    from diffdensity.expint import EXPONENTIAL_SOLVERS, integrate_ode
-
-    if set(EXPONENTIAL_SOLVERS) <= set(getattr(sampling, "TABLEAUX", {})) or hasattr(sampling, "integrate_ode"):
-        return "sample() dispatches the exponential solvers itself"
-    sampling.TABLEAUX = {**sampling.TABLEAUX, **{name: None for name in EXPONENTIAL_SOLVERS}}
-    sampling.odeint = lambda func, x, ts, **kw: integrate_ode(func, x, ts, schedule=model.schedule, **kw)
-    return "exponential solvers routed into sample() by this benchmark (diffdensity.expint.integrate_ode)"
-
-
 def model_rows(schedule) -> list[tuple[str, dict]]:
     custom = dict(method="custom", drift=scaled_drift(schedule, 1.5))
     custom_sde = dict(method="custom", drift=scaled_drift(schedule, 1.25), diffusion=gamma_diffusion(schedule, 0.5))
     return [
         ("pf-ode", dict(method="pf-ode", solver="exp-heun")),
-        ("sde", dict(method="sde", solver="tweedie-jvp")),
+        ("sde", dict(method="sde")),
+        ("sde 64 steps", dict(method="sde", steps=64)),
+        ("sde 128 steps (over the budget)", dict(method="sde", steps=128)),
         ("density-guidance q=0.5", dict(method="density-guidance", q=0.5, solver="exp-heun")),
         ("density-guidance q=0.8", dict(method="density-guidance", q=0.8, solver="exp-heun")),
         ("hd (threshold 2)", dict(method="hd", log_snr_threshold=2.0, solver="exp-heun")),
@@ -334,11 +318,10 @@ def model_rows(schedule) -> list[tuple[str, dict]]:
 
 def section_model(n: int, only: str | None) -> None:
     model = dd.load_pretrained("patches16")
-    note = exponential_ode_solvers(model)
     sched = model.schedule
     steps = 32
     print(f"4. Tracked vs re-encoded log p on the bundled model patches16 (D = 768), {n} samples, {steps} steps; "
-          f"re-encoding {REENCODE}\n   ({note})")  # fmt: skip
+          f"re-encoding {REENCODE}")  # fmt: skip
     x_T = sched.prior_sample((n, *model.event_shape), generator=torch.Generator().manual_seed(5))
     runs = []
     for name, opts in model_rows(sched):
@@ -411,7 +394,6 @@ def reference_path(model, xs: list, ts: torch.Tensor, *, fine: int = 2, probes: 
 
 def section_steps(n: int, figure: Path | None) -> None:
     model = dd.load_pretrained("patches16")
-    exponential_ode_solvers(model)
     sched = model.schedule
     x_T = sched.prior_sample((n, *model.event_shape), generator=torch.Generator().manual_seed(5))
     runs = [("pf-ode, heun", dict(method="pf-ode", solver="heun")), ("pf-ode, exp-heun", dict(method="pf-ode", solver="exp-heun")),

@@ -67,7 +67,7 @@ def test_exact_divergence_every_schedule_d2(name):
     assert r.x_T.shape == x.shape
     # dopri5 with first-same-as-last: 1 + 6 evaluations per attempt, D = 2 JVPs each
     attempts = r.settings["accepted_steps"] + r.settings["rejected_steps"]
-    assert (r.nfe.forward, r.nfe.jvp, r.nfe.vjp) == (0, 2 * (1 + 6 * attempts), 0)
+    assert r.nfe.forward == 0 and 2 * (1 + 6 * attempts) <= r.nfe.jvp + r.nfe.vjp <= 2 * (1 + 6 * attempts) + 4  # either AD mode (+ timed trials)
     assert r.steps == r.settings["accepted_steps"]
 
 
@@ -118,7 +118,7 @@ def hutchinson_vs_closed_form(gmm, x, *, steps: int, probes: int, noise: str, se
     est = dd.Hutchinson(probes, noise=noise, mode="forward")
     hut = dd.log_likelihood(gmm, x, steps=steps, solver="heun", divergence=est, generator=gen(seed), prior_logp=exact_prior(gmm))
     torch.testing.assert_close(hut.x_T, ref.x_T, rtol=0, atol=0)
-    assert (hut.nfe.forward, hut.nfe.jvp, hut.nfe.vjp) == (0, 2 * steps * probes, 0)  # 2 Heun stages per step
+    assert hut.nfe.forward == 0 and 2 * steps * probes <= hut.nfe.jvp + hut.nfe.vjp <= 2 * steps * probes + 4  # 2 Heun stages per step, either AD mode (+ timed trials)
     diff = hut.logp - ref.logp
     se = diff.std() / math.sqrt(diff.shape[0])  # measured standard error of the mean
     assert diff.abs().max() > 0  # the estimate is noisy, not silently exact

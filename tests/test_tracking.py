@@ -93,7 +93,7 @@ def test_ode_tracking_in_high_dimension(gmm512, case):
     n = 32
     err, r = tracking_error(gmm512, 4, steps=n, probes=4, **ODE_CASES[case](gmm512))
     assert err.abs().max() <= 8 * math.sqrt(32 / n), err
-    assert r.nfe.forward == 0 and r.nfe.jvp == 2 * n * 4
+    assert r.nfe.forward == 0 and 2 * n * 4 <= r.nfe.jvp + r.nfe.vjp <= 2 * n * 4 + 4  # either AD mode (+ auto's timed trial products)
 
 
 # -- stochastic dynamics ----------------------------------------------------------------
@@ -319,3 +319,26 @@ def test_exponential_heun_states_a_calibrated_error():
     sol, err = _exp_run(gmm, x_T, 32, "exp-heun", divergence=est)
     z = err / sol.logp_var.sqrt()
     assert 0.6 < float(z.pow(2).mean().sqrt()) < 1.6, z
+
+
+def test_tweedie_jvp_states_an_upper_bound_on_its_probe_noise_that_is_not_loose():
+    """At fixed states of an anisotropic D = 64 mixture, the spread of the kernel's KL
+    estimate over 400 probes stays below its stated standard error (an upper bound:
+    Var(e.Je) <= 2 |J - (div/D) I|_F^2; measured 1.3-12x above the spread from logSNR ~ 0
+    on, 200x at high noise where both are below 0.01 nats; the bound 2 |J e|^2 it replaces
+    was 100-1000x loose where the Jacobian is nearly diagonal)."""
+    from diffdensity.dynamics import ReverseSDE
+
+    gmm = mixture(64, seed=2)
+    sched, dyn = gmm.schedule, ReverseSDE(gmm)
+    ts = sched.time_grid(32)
+    for k in (4, 16, 24, 30):
+        t, t_next = float(ts[k]), float(ts[k + 1])
+        x = gmm.sample_t(4, t, generator=gen(k))
+        g = gen(100 + k)
+        kernels = [dyn.kernel(t, t_next, x, "tweedie-jvp", g) for _ in range(400)]
+        spread = torch.stack([q.logp_bias for q in kernels]).std(0)
+        stated = torch.stack([q.logp_var for q in kernels]).mean(0).sqrt()
+        assert (spread <= 1.15 * stated).all(), (k, spread, stated)
+        if k in (16, 24, 30):  # where the step's KL matters (stated >= 1e-5 nats); at high noise J ~ -I/sigma^2
+            assert (stated <= 15 * spread).all(), (k, spread, stated)

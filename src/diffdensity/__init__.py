@@ -18,6 +18,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     # models, exact models, the bundled model
     "models": ("ScoreModel", "ClassifierFreeGuidance", "NFE"),
     "analytic": ("GaussianMixture", "random_rotation"),
+    "linear_flow": ("LinearScoreModel",),
     "bundled": ("load_pretrained",),
     # divergence estimators
     "divergence": ("Exact", "Hutchinson"),

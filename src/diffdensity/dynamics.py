@@ -297,7 +297,14 @@ class ReverseSDE(SDEDynamics):
     Bayes-rule integrators of :mod:`diffdensity.sde` use.
     """
 
-    schemes = ("tweedie", "tweedie-jvp", "ancestral", "euler-maruyama")
+    @property
+    def schemes(self) -> tuple[str, ...]:
+        """Its integrators, the default first: ``"tweedie-jvp"`` for a learned network (a
+        model that declares its ``network``), ``"tweedie"`` for exact scores (measured,
+        docs/sampling.md: on the bundled model at 32 steps the median gap to re-encoding
+        falls from 146 to 50 nats at the same number of passes, each a JVP)."""
+        first = "tweedie-jvp" if getattr(self.model, "network", None) is not None else "tweedie"
+        return (first, *(s for s in ("tweedie", "tweedie-jvp", "ancestral", "euler-maruyama") if s != first))
 
     def kernel(self, t: float, t_next: float, x: Tensor, scheme: str, generator: torch.Generator | None = None) -> GaussianKernel:
         """``N(m, v I)`` of :func:`~diffdensity.kernels.tweedie_kernel` from one network pass at ``(t, x)``.

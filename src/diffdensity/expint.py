@@ -76,15 +76,16 @@ def _eval(func, t: float, x: Tensor):
     return out[0], out[1], (out[2] if len(out) > 2 else None)
 
 
-def _step(func, schedule, method: str, t0: float, t1: float, x: Tensor, track: bool):
+def _step(func, schedule, method: str, t0: float, t1: float, x: Tensor, track: bool, log_density: bool = True):
     """One step from ``t0`` to ``t1``: ``(x', d logp or None, its Hutchinson variance or None)``.
 
     Rates may be ``(B,)`` or per-probe ``(P, B)`` (then the increment's variance is
     ``var_p / P``); a third output of the dynamics is the variance of a ``(B,)`` rate.
+    ``log_density=False``: the rate is any scalar's ``d/dt`` (no ``-D log sigma`` part).
     """
     a, b = _Frame(schedule, t0), _Frame(schedule, t1)
     dmu, dlam = b.mu - a.mu, b.lam - a.lam
-    dim = math.prod(x.shape[1:])
+    dim = math.prod(x.shape[1:]) if log_density else 0
     y = x.to(torch.float64) / a.sigma
     u1, r1, v1 = _eval(func, t0, x)
     f1 = a.field(u1, x)
@@ -127,6 +128,7 @@ def exp_odeint(
     method: str = "exp-heun",
     callback: Callable[[StepInfo], None] | None = None,
     begin_step: Callable[[], None] | None = None,
+    log_density: bool = True,
 ) -> Solution:
     """Integrate ``dx/dt, dlogp/dt = func(t, x)`` through the fixed grid ``ts`` ``(S + 1,)`` in the ``(mu, y)`` variables.
 
@@ -153,7 +155,7 @@ def exp_odeint(
     for i in range(len(ts) - 1):
         if begin_step is not None:
             begin_step()
-        x, dlp, dvar = _step(func, schedule, method, float(ts[i]), float(ts[i + 1]), x, lp is not None)
+        x, dlp, dvar = _step(func, schedule, method, float(ts[i]), float(ts[i + 1]), x, lp is not None, log_density)
         if lp is not None:
             lp = lp + dlp
             path.append(lp.clone())

@@ -102,8 +102,9 @@ def tweedie_kernel(
         scale = 4 * (1 - kappa) ** 2
         bias = (dim * kappa**2 + 2 * c * kappa * div + c**2 * tr2) / scale
         # Hutchinson part: unclamped, bias = c^2 (tr2 - div^2 / D) / scale, so d bias / d div = -2 c^2 div / (D scale),
-        # times Var(e.Je) <= 2 |J e|^2 (docs/math.md s.9)
-        var = (2 * c**2 * div / (dim * scale)) ** 2 * 2 * tr2
+        # times Var(e.Je) = 2 sum_{i != j} J_ij^2 <= 2 |J - a I|_F^2 for any a; with a = div / D,
+        # |J e - a e|^2 = tr2 - div^2 / D estimates it (docs/math.md s.9; exact for a constant diagonal)
+        var = (2 * c**2 * div / (dim * scale)) ** 2 * 2 * (tr2 - div**2 / dim).clamp_min(0.0)
         return GaussianKernel(mean, (c / a**2) * (1 - kappa), a, c, bias, var)
     else:
         raise ValueError(f"unknown kernel scheme {scheme!r}; expected one of {KERNEL_SCHEMES}")

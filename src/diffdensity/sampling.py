@@ -279,7 +279,8 @@ def sample(
         solver: ODE phases take a name of :data:`~diffdensity.expint.ODE_SOLVERS`
             (``"exp-heun"``, default for learned networks; ``"heun"``, default for exact
             scores; ``"rk4"``, adaptive ``"dopri5"`` with ``rtol`` / ``atol``, ...); stochastic phases a scheme of :mod:`diffdensity.sde`
-            (``"tweedie"`` default for the reverse SDE, ``"ancestral"``,
+            (``"tweedie-jvp"`` default for the reverse SDE of a learned network,
+            ``"tweedie"`` for exact scores, ``"ancestral"``,
             ``"euler-maruyama"``; each dynamics says which it supports). One name: it
             applies to the phases of its kind, the others keep their default.
         grid: ``"log_snr"`` (uniform in logSNR), ``"uniform"`` or ``"karras"``.
