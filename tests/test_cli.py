@@ -1,6 +1,7 @@
 """The command line, end to end on exact mixtures (fast, offline)."""
 
 import csv
+import json
 import math
 
 import pytest
@@ -23,9 +24,21 @@ def test_sample_writes_images_and_log_densities(tmp_path):
     assert (out / "grid.png").stat().st_size > 0 and (out / "sample_0003.png").exists()
 
 
-def test_demo_orders_log_density_by_quantile(tmp_path, capsys):
+DEMO = ["demo", "--model", "gmm:image16", "--n", "3", "--steps", "16", "--q", "0.1", "0.5", "0.9"]
+CHECK_COLUMNS = ["checked_samples", "median_abs_gap_nats", "max_abs_gap_nats", "median_gap_stderr_nats", "tracking_biased"]
+
+
+@pytest.fixture
+def quick_reencoding(monkeypatch):
+    """The demo's re-encoding with few steps: these tests check its wiring, not its accuracy."""
+    from diffdensity.cli import demo
+
+    monkeypatch.setattr(demo, "REENCODING", {"steps": 8})
+
+
+def test_demo_orders_log_density_by_quantile(tmp_path, capsys, quick_reencoding):
     out = tmp_path / "demo"
-    assert main(["demo", "--model", "gmm:image16", "--n", "3", "--steps", "16", "--q", "0.1", "0.5", "0.9", "--out", str(out)]) == 0
+    assert main([*DEMO, "--out", str(out)]) == 0
     table = rows(out / "table.csv")
     by_name = {r["sampler"]: float(r["mean_logp_nats"]) for r in table}
     assert by_name["DG q=0.1"] < by_name["DG q=0.5"] < by_name["DG q=0.9"]
@@ -35,13 +48,76 @@ def test_demo_orders_log_density_by_quantile(tmp_path, capsys):
     assert "DG q=0.9" in capsys.readouterr().out
 
 
+def test_demo_reencodes_the_first_samples_of_every_row(tmp_path, capsys, quick_reencoding):
+    out = tmp_path / "demo"
+    assert main([*DEMO, "--check", "2", "--out", str(out)]) == 0
+    table = rows(out / "table.csv")
+    assert len(table) == 6 and set(CHECK_COLUMNS) <= set(table[0])
+    for r in table:
+        med, mx, se = (float(r[c]) for c in CHECK_COLUMNS[1:4])
+        assert r["checked_samples"] == "2" and all(map(math.isfinite, (med, mx, se))) and 0 <= med <= mx and se > 0
+        assert r["tracking_biased"] in ("yes", "no")
+    samples = rows(out / "samples.csv")
+    checked = [s for s in samples if s["reencoded_logp_nats"]]
+    assert len(checked) == 12 and all(int(s["latent"]) < 2 for s in checked)
+    for s in checked:  # gap = tracked - re-encoded, each finite
+        assert math.isclose(float(s["gap_nats"]), float(s["logp_nats"]) - float(s["reencoded_logp_nats"]), abs_tol=1e-5)
+    for r in table:  # the flag follows from the per-sample gaps (median: the lower middle value, as torch's)
+        gaps = sorted(abs(float(s["gap_nats"])) for s in checked if s["sampler"] == r["sampler"])
+        ses = sorted(float(s["gap_stderr_nats"]) for s in checked if s["sampler"] == r["sampler"])
+        assert (r["tracking_biased"] == "yes") == (gaps[0] > 3 * ses[0])
+    summary = json.loads((out / "table.json").read_text())
+    assert summary["reencoding"]["steps"] == 8 and len(summary["samplers"]["PF-ODE"]["consistency"]["reencoded_logp_nats"]) == 2
+    text = capsys.readouterr().out
+    assert "re-encoded the first 2 samples" in text
+    lines = [ln for ln in text.splitlines() if "tracked off by" in ln or "consistent (within" in ln]
+    assert [ln.split("  ")[0].strip() for ln in lines] == [r["sampler"] for r in table]
+
+
+def test_demo_check_0_disables_the_reencoding(tmp_path, capsys, monkeypatch):
+    from diffdensity import consistency
+
+    monkeypatch.setattr(consistency, "log_likelihood", lambda *a, **k: pytest.fail("--check 0 re-encoded"))
+    out = tmp_path / "demo"
+    assert main([*DEMO, "--check", "0", "--out", str(out)]) == 0
+    table = rows(out / "table.csv")
+    assert set(CHECK_COLUMNS) <= set(table[0]) and all(r[c] == "" for r in table for c in CHECK_COLUMNS)
+    assert all(s["reencoded_logp_nats"] == "" for s in rows(out / "samples.csv"))
+    assert json.loads((out / "table.json").read_text())["reencoding"] is None
+    assert "re-encoded" not in capsys.readouterr().out
+
+
+def test_demo_marks_a_row_only_when_its_median_gap_exceeds_3_stderr():
+    from types import SimpleNamespace
+
+    from diffdensity.cli.demo import Run, cell_label
+    from diffdensity.consistency import ConsistencyReport
+
+    def run_with(gap, se):
+        gap, se = torch.tensor(gap, dtype=torch.float64), torch.tensor(se, dtype=torch.float64)
+        res = SimpleNamespace(logp=torch.full((3,), 1000.0, dtype=torch.float64), logp_stderr=torch.full((3,), 2.0, dtype=torch.float64))
+        check = ConsistencyReport(torch.arange(2), res.logp[:2], res.logp[:2] - gap, gap, se, res.logp_stderr[:2], se / 2)
+        return Run("R", res, torch.zeros(3, dtype=torch.float64), 1.0, check)
+
+    off = run_with([80.0, 76.0], [5.0, 5.0])
+    assert off.biased and "~+76 nats" in off.row_label() and off.check_columns()[-1] == "yes"
+    assert not run_with([80.0, 14.0], [5.0, 5.0]).biased  # median |gap| 14 <= 3 x 5
+    assert run_with([-80.0, -76.0], [5.0, 5.0]).row_label().count("~-76") == 1
+    fine = run_with([2.0, -1.0], [5.0, 5.0])
+    assert not fine.biased and fine.row_label() == "R" and fine.check_columns()[-1] == "no"
+    cells = fine.cell_labels()
+    assert cells[0].startswith("tracked 1000+-2\nre-enc 998+-2.5") and cells[2] == cell_label(1000.0, 2.0, 0.0)
+
+
 def test_align_reports_both_methods(tmp_path, capsys):
     out = tmp_path / "a"
     assert main(["align", "--model", "gmm:mix64", "-n", "4", "--steps", "8", "--out", str(out)]) == 0
     assert len(rows(out / "alignment.csv")) == 4
     text = capsys.readouterr().out
-    assert "same sign on" in text and "n/a" not in text and "nats" in text
-    assert {"with_score_aligned", "without_score_aligned"} <= set(rows(out / "alignment.csv")[0])
+    assert "same sign on" in text and "n/a" not in text and "nats" in text and "within 2 combined errors on 100.0%" in text
+    table = rows(out / "alignment.csv")
+    assert {"with_score_aligned", "without_score_aligned", "with_score_error_nats", "without_score_error_nats"} <= set(table[0])
+    assert all(float(r["without_score_error_nats"]) > 0 for r in table)
 
 
 def test_detail_on_an_image_folder_skips_bad_files(tmp_path, capsys):

@@ -20,12 +20,15 @@ def screenshot(page, png, size=(1000, 1600)):
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)")
-def test_demo_page_renders_grid_plot_and_table(tmp_path):
+def test_demo_page_renders_grid_plot_and_table(tmp_path, monkeypatch):
+    from diffdensity.cli import demo
+
+    monkeypatch.setattr(demo, "REENCODING", {"steps": 8})  # the page, not the re-encoding's accuracy
     out = tmp_path / "demo"
     assert main(["demo", "--model", "gmm:image16", "-n", "2", "--steps", "2", "--q", "0.5", "--out", str(out)]) == 0
     page = out / "index.html"
     html = page.read_text()
-    assert 'src="grid.png"' in html and 'src="logp_path.png"' in html and "<table>" in html and "mean_logp_nats" in html
+    assert 'src="grid.png"' in html and 'src="logp_path.png"' in html and "<table>" in html and "mean_logp_nats" in html and "median_abs_gap_nats" in html
     shot = screenshot(page, tmp_path / "page.png")
     (out / "grid.png").rename(out / "moved.png")
     (out / "logp_path.png").rename(out / "moved2.png")
