@@ -109,6 +109,16 @@ def test_demo_marks_a_row_only_when_its_median_gap_exceeds_3_stderr():
     assert cells[0].startswith("tracked 1000+-2\nre-enc 998+-2.5") and cells[2] == cell_label(1000.0, 2.0, 0.0)
 
 
+def test_sample_target_mode_can_steer_by_re_encoding(tmp_path):
+    out = tmp_path / "t"
+    args = ["sample", "--model", "gmm:mix64", "-n", "2", "--steps", "8", "--method", "density-guidance", "--target-logp", "100"]
+    assert main([*args, "--target-measure", "reencoded", "--out", str(out)]) == 0
+    summary = json.loads((out / "samples.json").read_text())
+    assert "re-encoded" in json.dumps(summary)
+    assert all(float(r["logp_stderr_nats"]) > 0 for r in rows(out / "samples.csv"))
+    assert main(["sample", "--model", "gmm:mix64", "-n", "2", "--method", "pf-ode", "--target-measure", "reencoded", "--out", str(tmp_path / "u")]) == 2
+
+
 def test_align_reports_both_methods(tmp_path, capsys):
     out = tmp_path / "a"
     assert main(["align", "--model", "gmm:mix64", "-n", "4", "--steps", "8", "--out", str(out)]) == 0

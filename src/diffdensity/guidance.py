@@ -40,6 +40,7 @@ from .expint import exp_step
 from .noise_windows import NOISE_WINDOWS, noise_schedule
 from .methods import REQUIRED, Option, Phase, Plan, register_method
 from .schedules import Schedule
+from .shooting import next_z, reencode_result
 
 __all__ = [
     "DensityGuidedODE",
@@ -361,12 +362,15 @@ def _build_density_guidance(ctx):
 
 
 def _target_plan(ctx, x_T: Tensor | None, target: Tensor):
-    """Shooting on ``z = Phi^-1(q)`` per sample until the tracked ``log p_0`` meets ``target``.
+    """Shooting on ``z = Phi^-1(q)`` per sample until ``log p_0`` meets ``target``.
 
-    ``log p_0`` is smooth and increasing in ``z``; its slope is about
-    ``sqrt(2D) (lambda_max - lambda_min) / 2`` (the log-density the quantile rate injects),
-    which seeds a secant iteration: pass 0 at ``z = 0`` (the PF-ODE), then secant steps,
-    until every sample is within ``target_tol`` nats or ``target_passes`` passes are
+    ``log p_0`` (tracked, or re-encoded with ``target_measure="reencoded"``) increases with
+    ``z``. Pass 0 runs at ``z = 0`` (the PF-ODE). Until a sample's target is bracketed
+    by two passes, the next ``z`` is a secant step (the first one with the slope the
+    quantile rate injects, ``sqrt(2D) (lambda_max - lambda_min) / 2`` per unit of ``z``),
+    at most :data:`~diffdensity.shooting.MAX_DZ` away; once bracketed, regula falsi inside the bracket (a bisection
+    after two passes on the same side of the target). It stops
+    when every sample is within ``target_tol`` nats or ``target_passes`` passes are
     spent. Every pass reuses the same latents and Hutchinson probes.
     """
     if not ctx.track_logp:
@@ -382,22 +386,17 @@ def _target_plan(ctx, x_T: Tensor | None, target: Tensor):
         return Plan([Phase(dyn, ctx.schedule.t_min, "dg-ode")], x_T=x_T, then=lambda res: after(z, dyn, res), reuse_probes=True)
 
     def after(z: Tensor, dyn, res):
+        if o["target_measure"] == "reencoded":
+            reencode_result(ctx, res)
         history.append((z, res.logp))
         miss = target - res.logp
         res.settings["target_passes"] = len(history)
         res.settings["target_max_miss"] = float(miss.abs().max())
+        res.settings["target_z"] = [float(v) for v in z]
         if miss.abs().max() <= o["target_tol"] or len(history) >= o["target_passes"]:
             dyn.warn_if_capped()
             return None
-        if len(history) == 1:
-            slope = torch.full_like(z, slope0)
-        else:
-            (z0, l0), (z1, l1) = history[-2], history[-1]
-            dz, dl = z1 - z0, l1 - l0
-            secant = dl / torch.where(dz.abs() > 1e-12, dz, torch.ones_like(dz))
-            ok = (dz.abs() > 1e-12) & (secant > 0.05 * slope0) & torch.isfinite(secant)
-            slope = torch.where(ok, secant, torch.full_like(z, slope0))
-        return plan_for(z + miss / slope)
+        return plan_for(next_z(history, target, slope0))
 
     return plan_for(torch.zeros(b, dtype=torch.float64, device=ctx.x_T.device))
 
@@ -438,6 +437,9 @@ register_method(
         "target_logp": Option(None, v.optional(_check_targets), "wanted log p_0 in nats, scalar or (B,) (shooting, several passes)"),
         "target_tol": Option(0.5, v.check_positive_float, "target mode: stop once every sample is this close (nats)"),
         "target_passes": Option(5, lambda value, name: int(v.check_positive_float(value, name)), "target mode: at most this many sampling passes"),
+        "target_measure": Option("tracked", lambda value, name: v.check_choice(value, name, ("tracked", "reencoded")),
+                                 "target mode: steer by the tracked log p_0, or by re-encoding each pass's samples with log_likelihood "
+                                 "(the density of the sample produced, where tracking off the PF-ODE is biased; a likelihood solve per pass)"),
         "latent": _LATENT,
         "eta_cap": _ETA_CAP,
     },

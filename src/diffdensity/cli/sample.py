@@ -33,7 +33,7 @@ log p_0(x) along its trajectory. Writes sample_NNNN.png (image models), grid.png
 samples.csv into --out.
 
 Method options: --q (density-guidance, stochastic-density-guidance, prior-guidance),
---target-logp (density-guidance), --log-snr-threshold (hd; default as in the API), --noise
+--target-logp and --target-measure (density-guidance), --log-snr-threshold (hd; default as in the API), --noise
 (stochastic-density-guidance). A flag that does not apply to the chosen method is an
 error. Options that take a function (density guidance's rate, the custom method) exist
 only in the Python API (diffdensity.sample).
@@ -43,8 +43,9 @@ examples:
   diffdensity sample -n 16 --method pf-ode
   diffdensity sample -n 16 --method density-guidance --q 0.8
   diffdensity sample -n 16 --method hd --log-snr-threshold 2
+  diffdensity sample -n 4 --method density-guidance --target-logp 3000 --target-measure reencoded
 """
-FLAGS = {"q": "--q", "log_snr_threshold": "--log-snr-threshold", "target_logp": "--target-logp", "noise": "--noise"}
+FLAGS = {"q": "--q", "log_snr_threshold": "--log-snr-threshold", "target_logp": "--target-logp", "target_measure": "--target-measure", "noise": "--noise"}
 
 
 def method_names() -> list[str]:
@@ -82,6 +83,8 @@ def register(sub) -> argparse.ArgumentParser:
     s.add_argument("--q", type=quantile, default=None, help="quantile for density / prior guidance")
     s.add_argument("--log-snr-threshold", type=finite_float, default=None, help=f"logSNR switch point of the high-density sampler (default for hd: {hd_default()}, as in the API)")
     s.add_argument("--target-logp", type=finite_float, default=None, help="density guidance: wanted log p_0 in nats (instead of --q)")
+    s.add_argument("--target-measure", choices=["tracked", "reencoded"], default=None,
+                   help="with --target-logp: steer by the tracked log p_0 or by re-encoding each pass's samples (the density of the sample produced; default: tracked)")
     s.add_argument("--noise", choices=["early", "late"], default=None, help="noise window of stochastic density guidance")
     s.add_argument("--no-track", action="store_true", help="do not track the log-density")
     s.add_argument("--probes", type=positive_int, default=DEFAULT_PROBES,
@@ -207,7 +210,10 @@ def write_samples(out: Path, args: argparse.Namespace, res, names: list[str], se
         rows = [row + ([f"{v:.6f}" for v in checked[i]] if i in checked else ["", "", ""]) for i, row in enumerate(rows)]
     summary = {"command": "sample", "settings": settings_of(args), "steps": res.steps, "nfe_per_sample": nfe_dict(res.nfe), "seconds": round(seconds, 3),
                "mean_logp_nats": None if lp is None else float(lp.mean()), "mean_bits_per_dim": None if bpd is None else float(bpd.mean()),
-               "logp_stderr_note": "standard error of each logp from the Hutchinson probes; empty where the tracking has no Monte-Carlo part"}
+               "logp_stderr_note": "standard error of each logp from the Hutchinson probes; empty where the tracking has no Monte-Carlo part",
+               "logp_source": res.settings.get("logp_source", "tracked along the sampler")}
+    if "tracked_logp" in res.settings:
+        summary["tracked_logp_nats"] = res.settings["tracked_logp"]
     if report is not None:
         summary["consistency"] = {"samples": len(report.index), "median_abs_gap_nats": report.median_abs_gap, "max_abs_gap_nats": report.max_abs_gap,
                                   "within_3_stderr": float(report.within(3.0).double().mean()), "reencoding": report.settings}
