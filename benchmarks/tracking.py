@@ -27,10 +27,13 @@ Side by side in one run:
    1/f texture spectrum in the DCT basis as covariance, D = 1024): exact mean log p_0
    and per-sample variance across pixels as the logSNR threshold goes 8 -> 2, and the
    figure ``docs/figures/hd_threshold.png``.
+6. **Target mode on the bundled model**: density guidance shooting for log p_0 targets
+   500 .. 4500 nats, steered by the tracked value and by re-encoding each pass
+   (``target_measure="reencoded"``), each against the reference re-encoding.
 
     python benchmarks/tracking.py              # everything
     python benchmarks/tracking.py --quick      # 256-step rows only, shorter timings
-    python benchmarks/tracking.py --only hd    # one section: errors | timing | hd | model | steps
+    python benchmarks/tracking.py --only hd    # one section: errors | timing | hd | model | steps | target
 """
 
 from __future__ import annotations
@@ -349,6 +352,27 @@ def section_model(n: int, only: str | None) -> None:
     print()
 
 
+# -- 6. target mode on the bundled model -------------------------------------------------------
+
+
+def section_target(n: int = 4) -> None:
+    """Density guidance's target mode steered by the tracked log p_0 and by re-encoding, against the reference re-encoding."""
+    model = dd.load_pretrained("patches16")
+    x_T = model.schedule.prior_sample((n, *model.event_shape), generator=torch.Generator().manual_seed(5))
+    targets = torch.linspace(500.0, 4500.0, n, dtype=F64)
+    print(f"6. Target mode on patches16, {n} latents, 32 steps, at most 8 passes, tolerance 5 nats; reference: re-encoding {REENCODE}")
+    print(f"   targets {[round(v) for v in targets.tolist()]}")
+    for measure in ("tracked", "reencoded"):
+        t0 = time.perf_counter()
+        r = sample(model, x_T=x_T, method="density-guidance", target_logp=targets, target_measure=measure, steps=32, target_tol=5.0,
+                   target_passes=8, generator=torch.Generator().manual_seed(1))  # fmt: skip
+        seconds = time.perf_counter() - t0
+        ref = dd.log_likelihood(model, r.x, generator=torch.Generator().manual_seed(3), **REENCODE).logp
+        print(f"   steered by {measure:<9}: reported {[round(v) for v in r.logp.tolist()]}, reference {[round(v) for v in ref.tolist()]}, "
+              f"|reference - target| max {float((ref - targets).abs().max()):.0f} nats; {r.settings['passes']} passes, {r.nfe}, {seconds:.0f} s", flush=True)  # fmt: skip
+    print()
+
+
 # -- 5. where the gap comes from ---------------------------------------------------------------
 
 
@@ -442,7 +466,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=8, help="samples per row of the error table")
     p.add_argument("--quick", action="store_true", help="256-step rows only, shorter timings")
-    p.add_argument("--only", choices=("errors", "timing", "hd", "model", "steps"), help="run one section")
+    p.add_argument("--only", choices=("errors", "timing", "hd", "model", "steps", "target"), help="run one section")
     p.add_argument("--model-n", type=int, default=6, help="samples per method on the bundled model (sections model, steps: 2)")
     p.add_argument("--rows", default="", help="section model: only the methods whose name contains this")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
@@ -460,6 +484,8 @@ def main() -> None:
         section_hd(16, Path(a.figure) if a.figure else None)
     if a.only in (None, "model"):
         section_model(a.model_n, a.rows)
+    if a.only in (None, "target"):
+        section_target()
     if a.only in (None, "steps"):
         section_steps(2, ROOT / "docs" / "figures" / "tracking_gap_steps.png" if a.figure else None)
     print(f"total {time.perf_counter() - t0:.0f} s")
