@@ -360,3 +360,9 @@ def test_every_sampling_command_spells_shared_options_alike():
         assert sub[name].description, name
         if name != "logp":
             assert "-n" in opts and "--n" in opts and "--steps" in opts, name
+
+
+def test_sample_notes_tracking_that_a_learned_network_can_bias(tmp_path, capsys):
+    for method, noted in (("sde", True), ("pf-ode", False)):
+        assert main(["sample", "--model", "builtin:patches16", "-n", "1", "--steps", "2", "--method", method, "--out", str(tmp_path / method)]) == 0
+        assert ("--check N re-encodes" in capsys.readouterr().out) is noted, method

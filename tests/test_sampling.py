@@ -420,3 +420,19 @@ def test_too_few_steps_for_the_tracked_log_density_warn():
         warnings.simplefilter("error", RuntimeWarning)
         fine = sample(g, x_T=x_T, method="hd", log_snr_threshold=-10.0, steps=32, divergence="exact")
     assert (fine.logp - g.log_prob(fine.x, g.schedule.t_min)).abs().max() < 2
+
+
+def test_results_say_whether_tracking_is_exact_for_the_models_flow():
+    """PF-ODE, prior guidance and density guidance at q = 0.5 track the density of the model's
+    own flow whatever the network (docs/math.md s.3a); every other method relies on the score
+    being that density's gradient, and says so."""
+    from diffdensity.zoo import gmm_preset
+
+    gmm = gmm_preset("mix64")
+    x_T = gmm.schedule.prior_sample((2, *gmm.event_shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cases = {("pf-ode", None): True, ("prior-guidance", 0.3): True, ("density-guidance", 0.5): True,
+             ("density-guidance", 0.8): False, ("hd", None): False, ("sde", None): False}  # fmt: skip
+    for (method, q), exact in cases.items():
+        opts = {} if q is None else {"q": q}
+        r = dd.sample(gmm, x_T=x_T, method=method, steps=4, generator=torch.Generator().manual_seed(1), **opts)
+        assert r.settings["logp_exact_for_flow"] is exact, (method, q)

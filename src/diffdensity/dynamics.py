@@ -57,7 +57,15 @@ class Dynamics:
     ``nfe`` the counter every network pass is added to. ``divergence`` (an estimator,
     or ``None`` when the log-density is not tracked or not needed) is told when a
     solve and a step begin.
+
+    ``flow_exact``: whether the tracked log-density is that of the model's own PF-ODE
+    whatever the network (the rate uses only ``div u_PF``, docs/math.md s.3a). Where it
+    carries ``s . (u - u_PF)`` or an SDE's Ito terms it is exact only if the network's
+    score is the gradient of that density, and on learned networks it is biased
+    (docs/math.md s.13; :func:`diffdensity.check_consistency` measures it).
     """
+
+    flow_exact = False
 
     def __init__(
         self,
@@ -134,6 +142,8 @@ class PFODE(Dynamics):
     With a divergence estimator the log-density rate is
     ``d/dt log p_t(x_t) = -div u = -D f + (1/2) g^2 div s``; without, it is ``None``.
     """
+
+    flow_exact = True
 
     def __call__(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
         sv = self.schedule(t)

@@ -166,6 +166,11 @@ class DensityGuidedODE(_EtaGuard, Dynamics):
         self.rate_fn, self.eta_cap = rate, float(eta_cap)
         self.divergence_in_drift = rate is not None  # div u_PF enters the drift
 
+    @property
+    def flow_exact(self) -> bool:
+        """At ``q = 0.5`` for every sample the dynamics are the PF-ODE and the rate is exact (:class:`~diffdensity.dynamics.Dynamics`)."""
+        return self.rate_fn is None and bool((self.z == 0).all())
+
     def __call__(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
         sv = self.schedule(t)
         dim = math.prod(x.shape[1:])

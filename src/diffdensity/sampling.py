@@ -58,6 +58,10 @@ class SampleResult:
     latents actually integrated, with ``prior_logp`` their log-density at ``t_max``.
     ``ts``: float64 ``(S + 1,)`` times of the accepted steps (all phases), ``logp_path``
     float64 ``(S + 1, B)`` the tracked log-density there. ``nfe``: network passes per sample.
+    ``settings["logp_exact_for_flow"]``: whether every phase tracks the density of the
+    model's own PF-ODE exactly (PF-ODE, prior guidance, density guidance at q = 0.5); where
+    not, tracking relies on the score being that density's gradient, and on a learned
+    network it can be biased beyond ``logp_stderr`` (:func:`~diffdensity.check_consistency`).
     """
 
     x: Tensor
@@ -417,6 +421,7 @@ def _run_plan(plan: Plan, ctx: MethodContext, *, method, steps, grid, solver, pr
         divergence=repr(est) if track_logp else None,
         track_logp=track_logp,
         phases=phase_log,
+        logp_exact_for_flow=all(getattr(p.dynamics, "flow_exact", False) for p in plan.phases),
         **plan.info,
     )
     return SampleResult(

@@ -173,7 +173,16 @@ def run(args: argparse.Namespace) -> int:
     summary = write_samples(out, args, res, names, seconds, report)
     mean = "" if res.logp is None else f", mean log p {summary['mean_logp_nats']:.1f} nats ({summary['mean_bits_per_dim']:.3f} bits/dim)"
     print(f"{args.n} samples with {args.method} ({res.nfe} passes per sample){mean}; wrote {out}/samples.csv, samples.json")
+    if res.logp is not None and report is None and untrusted(model, res):
+        print(f"note: {args.method} tracks log p through the network's score off the probability-flow ODE; on a learned network "
+              "that can be biased beyond its +- (docs/sampling.md). --check N re-encodes N samples to measure it.")  # fmt: skip
     return 0
+
+
+def untrusted(model, res) -> bool:
+    """Tracked values of a learned network that are not its PF-ODE density by construction (nor re-encoded)."""
+    return (getattr(model, "network", None) is not None and not res.settings.get("logp_exact_for_flow", False)
+            and "logp_source" not in res.settings)  # fmt: skip
 
 
 def write_images(out: Path, x, shape) -> list[str]:
