@@ -42,7 +42,7 @@ def test_demo_orders_log_density_by_quantile(tmp_path, capsys, quick_reencoding)
     table = rows(out / "table.csv")
     by_name = {r["sampler"]: float(r["mean_logp_nats"]) for r in table}
     assert by_name["DG q=0.1"] < by_name["DG q=0.5"] < by_name["DG q=0.9"]
-    assert {"PF-ODE", "reverse SDE", "high density"} <= set(by_name)
+    assert {"PF-ODE", "reverse SDE", "SDE to logSNR 3", "high density"} <= set(by_name)
     for name in ("grid.png", "logp_path.png", "samples.csv"):
         assert (out / name).stat().st_size > 0
     assert "DG q=0.9" in capsys.readouterr().out
@@ -52,14 +52,14 @@ def test_demo_reencodes_the_first_samples_of_every_row(tmp_path, capsys, quick_r
     out = tmp_path / "demo"
     assert main([*DEMO, "--check", "2", "--out", str(out)]) == 0
     table = rows(out / "table.csv")
-    assert len(table) == 6 and set(CHECK_COLUMNS) <= set(table[0])
+    assert len(table) == 7 and set(CHECK_COLUMNS) <= set(table[0])
     for r in table:
         med, mx, se = (float(r[c]) for c in CHECK_COLUMNS[1:4])
         assert r["checked_samples"] == "2" and all(map(math.isfinite, (med, mx, se))) and 0 <= med <= mx and se > 0
         assert r["tracking_biased"] in ("yes", "no")
     samples = rows(out / "samples.csv")
     checked = [s for s in samples if s["reencoded_logp_nats"]]
-    assert len(checked) == 12 and all(int(s["latent"]) < 2 for s in checked)
+    assert len(checked) == 14 and all(int(s["latent"]) < 2 for s in checked)
     for s in checked:  # gap = tracked - re-encoded, each finite
         assert math.isclose(float(s["gap_nats"]), float(s["logp_nats"]) - float(s["reencoded_logp_nats"]), abs_tol=1e-5)
     for r in table:  # the flag follows from the per-sample gaps (median: the lower middle value, as torch's)
@@ -366,3 +366,10 @@ def test_sample_notes_tracking_that_a_learned_network_can_bias(tmp_path, capsys)
     for method, noted in (("sde", True), ("pf-ode", False)):
         assert main(["sample", "--model", "builtin:patches16", "-n", "1", "--steps", "2", "--method", method, "--out", str(tmp_path / method)]) == 0
         assert ("--check N re-encodes" in capsys.readouterr().out) is noted, method
+
+
+def test_sample_sde_noise_until_switches_to_the_pf_ode(tmp_path):
+    out = tmp_path / "s"
+    assert main(["sample", "--model", "gmm:mix64", "-n", "2", "--steps", "8", "--method", "sde", "--noise-until", "2", "--out", str(out)]) == 0
+    assert json.loads((out / "samples.json").read_text())["settings"]["noise_until"] == 2.0
+    assert main(["sample", "--model", "gmm:mix64", "-n", "2", "--method", "pf-ode", "--noise-until", "2", "--out", str(tmp_path / "u")]) == 2

@@ -192,10 +192,10 @@ def resolve_options(method: Method, given: dict[str, Any]) -> dict[str, Any]:
 # -- the model's own dynamics ------------------------------------------------------------------
 
 
-def threshold_time(ctx: MethodContext, log_snr: float) -> float:
+def threshold_time(ctx: MethodContext, log_snr: float, name: str = "log_snr_threshold") -> float:
     """The time at which the schedule's logSNR equals ``log_snr`` (clamped to the time range)."""
     sched = ctx.schedule
-    sched.check_log_snr(log_snr, name="log_snr_threshold")
+    sched.check_log_snr(log_snr, name=name)
     t = float(sched.t_from_log_snr(torch.tensor(log_snr, dtype=torch.float64)))
     return min(max(t, sched.t_min), sched.t_max)
 
@@ -209,7 +209,12 @@ def _reverse_sde(ctx: MethodContext) -> ReverseSDE:
 
 
 def _build_sde(ctx: MethodContext) -> Plan:
-    return Plan([Phase(_reverse_sde(ctx), ctx.schedule.t_min, "reverse-sde")])
+    until = ctx.options["noise_until"]
+    if until is None:
+        return Plan([Phase(_reverse_sde(ctx), ctx.schedule.t_min, "reverse-sde")])
+    t_s = threshold_time(ctx, until, "noise_until")
+    tail = Phase(PFODE(ctx.model, **ctx.dynamics_kwargs()), ctx.schedule.t_min, "pf-ode")
+    return Plan([Phase(_reverse_sde(ctx), t_s, "reverse-sde"), tail], info=dict(t_noise_until=t_s))
 
 
 def _build_hd(ctx: MethodContext) -> Plan:
@@ -243,6 +248,11 @@ register_method(
 register_method(
     "sde",
     _build_sde,
+    options={
+        "noise_until": Option(None, v.optional(v.check_float), "None: the reverse SDE down to the data; a logSNR: "
+                              "the reverse SDE up to it, then the PF-ODE (noise only above that noise level, as EDM's S_tmin; "
+                              "on learned networks it keeps tracked log p off the data end's bias, docs/sampling.md)"),
+    },
     default_steps=256,
     description="reverse SDE; log p carried by the same Gaussian increments (docs/math.md s.3c)",
 )

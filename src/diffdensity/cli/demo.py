@@ -1,5 +1,6 @@
 """``diffdensity demo``: the same latents through density guidance at several quantiles, the
-PF-ODE, the reverse SDE and the high-density sampler; a labelled grid, a path plot, a table
+PF-ODE, the reverse SDE (to the data, and with noise down to logSNR 3 only) and the
+high-density sampler; a labelled grid, a path plot, a table
 and an HTML page showing them together. The first ``--check`` samples of every row are
 re-encoded (:func:`diffdensity.check_consistency`), so that every tracked number shows how
 far it can be trusted."""
@@ -33,8 +34,8 @@ from .common import (
 HELP = "the main demonstration: guided samples, log-density paths, a table"
 DESCRIPTION = """\
 Draw samples from the same prior latents with density guidance at several quantiles q,
-the PF-ODE, the reverse SDE and the high-density sampler, each with its tracked
-log-density. The first --check samples of every row are re-encoded with the PF-ODE
+the PF-ODE, the reverse SDE (also with noise only down to logSNR 3, then the PF-ODE) and
+the high-density sampler, each with its tracked log-density. The first --check samples of every row are re-encoded with the PF-ODE
 (diffdensity.check_consistency) and compared with their tracked value; a row whose
 median gap exceeds 3 standard errors is marked in the grid. Writes grid.png,
 logp_path.png, table.csv/json, samples.csv/json and index.html (all of them on one page)
@@ -190,10 +191,17 @@ def cell_label(logp: float, stderr: float | None, bpd: float, *, reencoded: floa
     return f"tracked {logp:.0f}{err}\nre-enc {reencoded:.0f}{re_err}\n{bpd:.2f} b/d"
 
 
-def samplers(qs) -> list[tuple[str, dict]]:
-    """The demo's rows: density guidance at each quantile, then PF-ODE, reverse SDE and high density."""
+DEMO_NOISE_UNTIL = 3.0  # logSNR of the SDE row (measured: docs/sampling.md) that stops its noise there and finishes with the PF-ODE
+
+
+def samplers(qs, schedule) -> list[tuple[str, dict]]:
+    """The demo's rows: density guidance at each quantile, then PF-ODE, reverse SDE (and, where the
+    schedule reaches logSNR 3, the SDE with noise only up to it), and high density."""
     runs = [(f"DG q={q:g}", dict(method="density-guidance", q=q)) for q in qs]
-    return runs + [("PF-ODE", dict(method="pf-ode")), ("reverse SDE", dict(method="sde")), ("high density", dict(method="hd"))]
+    runs += [("PF-ODE", dict(method="pf-ode")), ("reverse SDE", dict(method="sde"))]
+    if schedule.log_snr_min < DEMO_NOISE_UNTIL < schedule.log_snr_max:
+        runs.append((f"SDE to logSNR {DEMO_NOISE_UNTIL:g}", dict(method="sde", noise_until=DEMO_NOISE_UNTIL)))
+    return runs + [("high density", dict(method="hd"))]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -216,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
     x_T = rescale_latent(latents(model, shape, args.n, args.seed, args.device), 0.5, model.schedule)
     runs = []
     print(f"{'sampler':<16} {'mean log p [nats]':>22} {'mean bits/dim':>14} {'passes per sample':>30} {'time [s]':>9}")
-    for k, (name, opts) in enumerate(samplers(args.q)):
+    for k, (name, opts) in enumerate(samplers(args.q, model.schedule)):
         t0 = time.perf_counter()
         res = run_with_progress(sample, name, args.steps, model=model, x_T=x_T.clone(), generator=generator(args.seed + 1000 + k),
                                 probes=DEMO_PROBES, **opts)

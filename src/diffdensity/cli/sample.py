@@ -33,10 +33,10 @@ log p_0(x) along its trajectory. Writes sample_NNNN.png (image models), grid.png
 samples.csv into --out.
 
 Method options: --q (density-guidance, stochastic-density-guidance, prior-guidance),
---target-logp and --target-measure (density-guidance), --log-snr-threshold (hd; default as in the API), --noise
-(stochastic-density-guidance). A flag that does not apply to the chosen method is an
-error. Options that take a function (density guidance's rate, the custom method) exist
-only in the Python API (diffdensity.sample).
+--target-logp and --target-measure (density-guidance), --log-snr-threshold (hd; default
+as in the API), --noise (stochastic-density-guidance), --noise-until (sde). A flag that
+does not apply to the chosen method is an error. Options that take a function (density
+guidance's rate, the custom method) exist only in the Python API (diffdensity.sample).
 """
 EPILOG = """\
 examples:
@@ -45,7 +45,8 @@ examples:
   diffdensity sample -n 16 --method hd --log-snr-threshold 2
   diffdensity sample -n 4 --method density-guidance --target-logp 3000 --target-measure reencoded
 """
-FLAGS = {"q": "--q", "log_snr_threshold": "--log-snr-threshold", "target_logp": "--target-logp", "target_measure": "--target-measure", "noise": "--noise"}
+FLAGS = {"q": "--q", "log_snr_threshold": "--log-snr-threshold", "target_logp": "--target-logp", "target_measure": "--target-measure", "noise": "--noise",
+         "noise_until": "--noise-until"}
 
 
 def method_names() -> list[str]:
@@ -85,6 +86,8 @@ def register(sub) -> argparse.ArgumentParser:
     s.add_argument("--target-logp", type=finite_float, default=None, help="density guidance: wanted log p_0 in nats (instead of --q)")
     s.add_argument("--target-measure", choices=["tracked", "reencoded"], default=None,
                    help="with --target-logp: steer by the tracked log p_0 or by re-encoding each pass's samples (the density of the sample produced; default: tracked)")
+    s.add_argument("--noise-until", type=finite_float, default=None, metavar="LOGSNR",
+                   help="sde: the reverse SDE up to this logSNR, then the PF-ODE (noise only at higher noise levels, as EDM's S_tmin)")
     s.add_argument("--noise", choices=["early", "late"], default=None, help="noise window of stochastic density guidance")
     s.add_argument("--no-track", action="store_true", help="do not track the log-density")
     s.add_argument("--probes", type=positive_int, default=DEFAULT_PROBES,
