@@ -172,7 +172,10 @@ def test_score_alignment_with_and_without_score_agree_within_their_errors():
     dim = 64
     gmm = mixture(dim, k=4)
     x_T = torch.randn(16, dim, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    r = score_alignment(gmm, x_T, steps=32, method="both", step_halving=True, generator=torch.Generator().manual_seed(8))
+    seen = []
+    r = score_alignment(gmm, x_T, steps=32, method="both", step_halving=True, generator=torch.Generator().manual_seed(8),
+                        callback=lambda info: seen.append(info.step))
+    assert max(seen) == 32 + 16 and seen[:2] == [0, 1]  # numbered on through the half-steps solve
     corr = torch.corrcoef(torch.stack([r.with_score, r.without_score]))[0, 1]
     assert corr >= 0.99
     assert r.agree(2.0).double().mean() >= 0.9

@@ -42,15 +42,19 @@ the gradient of the density its PF-ODE defines."""
 
 def run(args: argparse.Namespace) -> int:
     from ..alignment import score_alignment
+    from .progress import Progress
 
     model, shape = setup(args)
     out = output_folder(args.out)
     x_T = latents(model, shape, args.n, args.seed, args.device)
+    halving = not args.no_error and args.steps >= 2
     t0 = time.perf_counter()
-    r = score_alignment(
-        model, x_T, steps=args.steps, method=args.method, probes=args.probes, generator=generator(args.seed + 1),
-        step_halving=not args.no_error and args.steps >= 2,
-    )
+    bar = Progress(args.steps + (args.steps // 2 if halving else 0), f"score alignment ({args.method})")
+    try:
+        r = score_alignment(model, x_T, steps=args.steps, method=args.method, probes=args.probes, generator=generator(args.seed + 1),
+                            step_halving=halving, callback=bar)  # fmt: skip
+    finally:
+        bar.close()
     seconds = time.perf_counter() - t0
     parts = {"with-score": (r.with_score, _err(r.with_score_error))}
     if r.without_score is not None:
