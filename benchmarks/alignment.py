@@ -51,8 +51,7 @@ def run(name: str, model, n: int, steps: int, probes: int):
     ratio = r.without_score / r.with_score
     print(f"{name}: {n} latents, {steps} steps, solver {r.settings['solver']}, {probes} probes; {r.nfe} passes in all, {seconds:.0f} s")
     print(f"   {'latent':>6} {'with-score':>12} {'+-':>8} {'without-score':>14} {'+-':>8} {'difference / error':>19}")
-    with_err = r.with_score_error.abs()
-    without_err = (r.without_score_stderr.square() + r.without_score_error.square()).sqrt()
+    with_err, without_err = r.error("with-score"), r.error("without-score")
     for i in range(n):
         z = float((r.with_score[i] - r.without_score[i]).abs() / err[i])
         print(f"   {i:>6} {float(r.with_score[i]):>12.1f} {float(with_err[i]):>8.1f} {float(r.without_score[i]):>14.1f} {float(without_err[i]):>8.1f} {z:>19.1f}")

@@ -62,11 +62,8 @@ class ScoreAlignmentResult:
 
     __repr__ = short_repr
 
-    values: Tensor
-    aligned: Tensor
-    fraction: float
-    nfe: NFE
     method: str
+    nfe: NFE
     x: Tensor
     with_score: Tensor
     without_score: Tensor | None = None
@@ -78,15 +75,30 @@ class ScoreAlignmentResult:
     path_without: Tensor | None = None
     settings: dict = field(default_factory=dict)
 
+    @property
+    def values(self) -> Tensor:
+        return self.with_score if self.method == "with-score" else self.without_score
+
+    @property
+    def aligned(self) -> Tensor:
+        return self.values > 0
+
+    @property
+    def fraction(self) -> float:
+        return float(self.aligned.double().mean())
+
+    def error(self, which: str) -> Tensor | None:
+        """``(B,)`` root sum of squares of the error parts ``which`` (``"with-score"`` or ``"without-score"``) carries, ``None`` if none."""
+        parts = (self.with_score_error,) if which == "with-score" else (self.without_score_stderr, self.without_score_error)
+        present = [p for p in parts if p is not None]
+        return None if not present else torch.stack([p.square() for p in present]).sum(0).sqrt()
+
     def combined_error(self) -> Tensor:
         """``sqrt(stderr^2 + error_with^2 + error_without^2)`` of the difference, with the parts available."""
         if self.without_score is None:
             raise ValueError("agreement needs both measurements: method='both' or 'without-score'")
-        var = torch.zeros_like(self.with_score)
-        for part in (self.without_score_stderr, self.with_score_error, self.without_score_error):
-            if part is not None:
-                var = var + part.square()
-        return var.sqrt()
+        errors = [e for e in (self.error("with-score"), self.error("without-score")) if e is not None]
+        return torch.zeros_like(self.with_score) if not errors else torch.stack(errors).square().sum(0).sqrt()
 
     def agree(self, k: float = 2.0) -> Tensor:
         """``(B,)`` bool: ``|with - without| <= k * combined_error()`` per latent."""
@@ -176,28 +188,23 @@ def score_alignment(
     if step_halving and steps < 2:
         raise ValueError("step_halving needs steps >= 2")
     cond = v.check_kwargs(model_kwargs)
-    omega = method != "with-score"
-    res = _solve(model, x_T, steps, solver, grid, omega, probes, generator, mode, cond, callback)
+    res = _solve(model, x_T, method, steps, solver, grid, probes, generator, mode, cond, callback)
     if step_halving:
         after = None if callback is None else lambda info: callback(StepInfo(info.step + steps, info.t, info.x, info.logp))
-        half = _solve(model, x_T, steps // 2, solver, grid, omega, probes, generator, mode, cond, after)
+        half = _solve(model, x_T, method, steps // 2, solver, grid, probes, generator, mode, cond, after)
         order = 2 if solver in EXPONENTIAL_SOLVERS else TABLEAUX[solver].order
         ratio = (steps / (steps // 2)) ** order - 1
         res.with_score_error = (half.with_score - res.with_score) / ratio
-        if omega:
+        if res.without_score is not None:
             res.without_score_error = (half.without_score - res.without_score) / ratio
-        for name in ("forward", "jvp", "vjp"):
-            setattr(res.nfe, name, getattr(res.nfe, name) + getattr(half.nfe, name))
+        res.nfe.add(half.nfe)
         res.settings["step_halving"] = dict(steps=steps // 2, nfe=half.nfe.total)
-    res.method = method
-    res.values = res.with_score if method == "with-score" else res.without_score
-    res.aligned = res.values > 0
-    res.fraction = float(res.aligned.double().mean())
     return res
 
 
-def _solve(model, x_T, steps, solver, grid, omega, probes, generator, mode, cond, callback=None) -> ScoreAlignmentResult:
-    """One tangent PF-ODE solve from ``t_max`` to ``t_min``; ``values`` filled in by the caller."""
+def _solve(model, x_T, method, steps, solver, grid, probes, generator, mode, cond, callback=None) -> ScoreAlignmentResult:
+    """One tangent PF-ODE solve from ``t_max`` to ``t_min``."""
+    omega = method != "with-score"
     sched = model.schedule
     dyn = _TangentPFODE(model, track_omega=omega, mode=mode, divergence=Hutchinson(probes, resample="call"), cond=cond)
     dyn.reset(generator)
@@ -222,6 +229,6 @@ def _solve(model, x_T, steps, solver, grid, omega, probes, generator, mode, cond
     stderr = None if sol.logp_var is None else sol.logp_var.sqrt()
     settings = dict(steps=steps, solver=solver, grid=grid, probes=probes if omega else 0, ad_mode=mode)
     return ScoreAlignmentResult(
-        with_score, with_score > 0, 0.0, dyn.nfe, "", x0, with_score, sol.logp if omega else None, stderr,
+        method, dyn.nfe, x0, with_score, sol.logp if omega else None, stderr,
         ts=ts, path_with=path_with, path_without=sol.logp_path if omega else None, settings=settings,
     )

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .divergence import DivergenceEstimator, jacobian_vector_product, model_fn
 from .kernels import GaussianKernel, tweedie_kernel
-from .models import NFE, Model
+from .models import NFE, Model, is_learned
 
 __all__ = [
     "Dynamics",
@@ -313,7 +313,7 @@ class ReverseSDE(SDEDynamics):
         model that declares its ``network``), ``"tweedie"`` for exact scores (measured,
         docs/sampling.md: on the bundled model at 32 steps the median gap to re-encoding
         falls from 146 to 50 nats at the same number of passes, each a JVP)."""
-        first = "tweedie-jvp" if getattr(self.model, "network", None) is not None else "tweedie"
+        first = "tweedie-jvp" if is_learned(self.model) else "tweedie"
         return (first, *(s for s in ("tweedie", "tweedie-jvp", "ancestral", "euler-maruyama") if s != first))
 
     def kernel(self, t: float, t_next: float, x: Tensor, scheme: str, generator: torch.Generator | None = None) -> GaussianKernel:

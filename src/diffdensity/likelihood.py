@@ -226,12 +226,6 @@ class _WithRateVariance:
         return u, rate, None if var is None else (0.5 * self.dyn.schedule(t).g2) ** 2 * var
 
 
-def _add_nfe(total: NFE, more: NFE) -> None:
-    total.forward += more.forward
-    total.jvp += more.jvp
-    total.vjp += more.vjp
-
-
 def _halve(res, model, x, est, steps, solver, grid, generator, prior_logp, rtol, atol, cond) -> None:
     """Richardson estimate of a fixed-step solve's error from a second solve with half the steps."""
     tab = TABLEAUX[solver]
@@ -240,7 +234,7 @@ def _halve(res, model, x, est, steps, solver, grid, generator, prior_logp, rtol,
     half = _solve(model, x, est, steps // 2, solver, grid, generator, prior_logp, rtol, atol, cond)
     ratio = (steps / (steps // 2)) ** tab.order - 1
     res.error = (half.logp - res.logp) / ratio  # err_N = C h^p, err_{N/2} = 2^p C h^p
-    _add_nfe(res.nfe, half.nfe)
+    res.nfe.add(half.nfe)
     res.settings["step_halving"] = dict(steps=steps // 2, nfe=half.nfe.total)
 
 
@@ -259,9 +253,9 @@ def _meet_target(res, target, max_probes, model, x, divergence, est, steps, solv
         for name in ("logp", "delta_logp"):
             getattr(res, name)[bad] = (getattr(res, name)[bad] * w1 + getattr(r2, name) * w2) / (w1 + w2)
         res.stderr[bad] = (w1 + w2).rsqrt()
-        _add_nfe(extra, r2.nfe)
+        extra.add(r2.nfe)
         rounds += 1
-    _add_nfe(res.nfe, extra)
+    res.nfe.add(extra)
     met = bool((res.stderr <= target).all())
     res.settings["target_stderr"] = dict(target=target, met=met, rounds=rounds, max_probes_used=probes, extra_nfe=extra.total)
     if not met:
@@ -319,7 +313,7 @@ def bits_per_dim(
         res = log_likelihood(model, x, generator=generator, **likelihood_options)
         logps.append(res.logp)
         variances.append(None if res.stderr is None else res.stderr.square())
-        _add_nfe(nfe, res.nfe)
+        nfe.add(res.nfe)
     logp = torch.stack(logps)
     bpd = logp_to_bpd(logp, dim).mean(0)
     stderr = None if variances[0] is None else torch.stack(variances).sum(0).sqrt() / (draws * dim * math.log(2))

@@ -31,6 +31,7 @@ __all__ = [
     "NFE",
     "PARAMETRIZATIONS",
     "placement",
+    "is_learned",
     "check_output",
     "prediction_to_score",
     "score_to_prediction",
@@ -57,6 +58,11 @@ def placement(model: Any) -> tuple[torch.device, torch.dtype]:
     elif not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"{type(model).__name__}.dtype must be a floating torch.dtype or None, got {dtype!r}")
     return device, dtype
+
+
+def is_learned(model: Any) -> bool:
+    """Whether ``model`` declares a ``network``: a learned score, whose defaults and caveats differ from an exact one's."""
+    return getattr(model, "network", None) is not None
 
 
 def check_output(out: Any, x: Tensor, who: str) -> Tensor:
@@ -100,6 +106,13 @@ class NFE:
     @property
     def total(self) -> int:
         return self.forward + self.jvp + self.vjp
+
+    def add(self, other: "NFE") -> "NFE":
+        """Add ``other``'s passes to these (in place, e.g. a second solve of the same call); returns ``self``."""
+        self.forward += other.forward
+        self.jvp += other.jvp
+        self.vjp += other.vjp
+        return self
 
     def __str__(self) -> str:
         return f"{self.forward} forward + {self.jvp} jvp + {self.vjp} vjp"

@@ -24,7 +24,7 @@ from . import guidance  # noqa: F401  (importing it registers the guidance metho
 from .divergence import DivergenceEstimator, make_divergence
 from .dynamics import Dynamics
 from .methods import METHODS, MethodContext, Phase, Plan, resolve_options
-from .models import NFE, Model, placement
+from .models import NFE, Model, is_learned, placement
 from .schedules import GRIDS
 from .expint import ODE_SOLVERS, integrate_ode
 from .sde import SCHEMES, check_scheme, sdeint
@@ -44,7 +44,7 @@ mixture at 64 steps)."""
 
 def default_ode_solver(model: Any) -> str:
     """The default ODE solver for ``model`` (see :data:`DEFAULT_ODE_SOLVERS`)."""
-    return DEFAULT_ODE_SOLVERS["network" if getattr(model, "network", None) is not None else "exact"]
+    return DEFAULT_ODE_SOLVERS["network" if is_learned(model) else "exact"]
 
 
 @dataclass

@@ -63,8 +63,7 @@ def reencode_result(ctx, res) -> None:
     from .likelihood import log_likelihood
 
     lik = log_likelihood(ctx.model, res.x, generator=torch.Generator(device=res.x.device).manual_seed(0), model_kwargs=ctx.cond or None)
-    for name in ("forward", "jvp", "vjp"):
-        setattr(ctx.nfe, name, getattr(ctx.nfe, name) + getattr(lik.nfe, name))
+    ctx.nfe.add(lik.nfe)
     res.settings["tracked_logp"] = [float(v) for v in res.logp]
     res.settings["logp_source"] = "re-encoded by log_likelihood (its defaults, probe seed 0)"
     res.logp, res.logp_stderr = lik.logp, lik.stderr

@@ -56,9 +56,9 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    parts = {"with-score": (r.with_score, _err(r.with_score_error))}
+    parts = {"with-score": (r.with_score, r.error("with-score"))}
     if r.without_score is not None:
-        parts["without-score"] = (r.without_score, _err(r.without_score_stderr, r.without_score_error))
+        parts["without-score"] = (r.without_score, r.error("without-score"))
     if args.method != "both":
         parts = {args.method: parts[args.method]}
     summary = {"command": "align", "settings": settings_of(args), "solver": r.settings["solver"], "note": " ".join(NOTE.split()),
@@ -85,14 +85,6 @@ def run(args: argparse.Namespace) -> int:
     csv_path, json_path = write_table(out, "alignment", header, rows, summary)
     print(f"wrote {csv_path} and {json_path}")
     return 0
-
-
-def _err(*parts):
-    """The root sum of squares of the error parts present, or ``None``."""
-    import torch
-
-    present = [p for p in parts if p is not None]
-    return None if not present else torch.stack([p.square() for p in present]).sum(0).sqrt()
 
 
 def agreement(r) -> dict:

@@ -84,6 +84,14 @@ def positive_int(s: str) -> int:
     return value
 
 
+def count(s: str) -> int:
+    """An integer >= 0 (0: none)."""
+    value = _number(int, s, "0 or a positive integer")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {s!r}")
+    return value
+
+
 def seed(s: str) -> int:
     """An integer in ``[0, 2^63)`` (a ``torch.Generator`` seed)."""
     value = _number(int, s, "an integer")

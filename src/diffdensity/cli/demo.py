@@ -17,6 +17,7 @@ from .common import (
     NFE_HEADER,
     HelpFormatter,
     add_model_options,
+    count,
     generator,
     latents,
     nfe_columns,
@@ -65,16 +66,6 @@ NOTES = (
 )
 
 
-def check_count(s: str) -> int:
-    """``--check``: 0 (no re-encoding) or a positive integer."""
-    if s.strip() == "0":
-        return 0
-    try:
-        return positive_int(s)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {s!r}") from None
-
-
 def register(sub) -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help=HELP, description=DESCRIPTION, formatter_class=HelpFormatter, epilog=EPILOG)
     add_model_options(d)
@@ -82,7 +73,7 @@ def register(sub) -> argparse.ArgumentParser:
     d.add_argument("-n", "--n", type=positive_int, default=8, help="latents (columns of the grid)")
     d.add_argument("--steps", type=positive_int, default=32, help="solver steps per sampler")
     d.add_argument("--q", type=quantile, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9], help="density-guidance quantiles")
-    d.add_argument("--check", type=check_count, default=DEMO_CHECK, metavar="N",
+    d.add_argument("--check", type=count, default=DEMO_CHECK, metavar="N",
                    help="re-encode the first N samples of every row with the PF-ODE and report the gap to their tracked log-density (0: none)")
     d.set_defaults(func=run)
     return d

@@ -184,7 +184,9 @@ def run(args: argparse.Namespace) -> int:
 
 def untrusted(model, res) -> bool:
     """Tracked values of a learned network that are not its PF-ODE density by construction (nor re-encoded)."""
-    return (getattr(model, "network", None) is not None and not res.settings.get("logp_exact_for_flow", False)
+    from ..models import is_learned
+
+    return (is_learned(model) and not res.settings.get("logp_exact_for_flow", False)
             and "logp_source" not in res.settings)  # fmt: skip
 
 
