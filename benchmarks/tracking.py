@@ -342,7 +342,7 @@ def section_model(n: int, only: str | None) -> None:
     lik = dd.log_likelihood(model, xs, generator=torch.Generator().manual_seed(0), **REENCODE)
     ref_se = getattr(lik, "stderr", None)
     print(f"   re-encoded {xs.shape[0]} samples in {time.perf_counter() - t0:.0f} s")
-    print(f"   {'method':<40} {'median |gap|':>12} {'max |gap|':>10} {'mean gap':>9} {'stderr':>7} {'passes/sample':>28}")
+    print(f"   {'method':<40} {'median |gap|':>12} {'max |gap|':>10} {'mean gap':>9} {'stderr':>7} {'|gap|/se':>8} {'passes/sample':>28}")
     for k, (name, r, dt) in enumerate(runs):
         sl = slice(k * n, (k + 1) * n)
         gap = r.logp - lik.logp[sl]
@@ -350,8 +350,9 @@ def section_model(n: int, only: str | None) -> None:
         for part in (getattr(r, "logp_stderr", None), None if ref_se is None else ref_se[sl]):
             if part is not None:
                 se = se + part.to(F64).square()
+        se = se.sqrt()
         print(f"   {name:<40} {float(gap.abs().median()):>12.1f} {float(gap.abs().max()):>10.1f} {float(gap.mean()):>+9.1f} "
-              f"{float(se.sqrt().median()):>7.1f} {str(r.nfe):>28}", flush=True)  # fmt: skip
+              f"{float(se.median()):>7.1f} {float((gap.abs() / se).median()):>8.1f} {str(r.nfe):>28}", flush=True)  # fmt: skip
     print()
 
 

@@ -157,9 +157,10 @@ def test_hutchinson_is_unbiased_within_4_standard_errors(noise):
     se = (var / probes).sqrt()
     z = ((div - exact) / se).abs()
     assert (z < 4).all(), f"Hutchinson mean is {z.max():.2f} standard errors from the trace"
-    # n single-probe estimates at once: the batch repeated n times, one probe per row
+    # n single-probe estimates at once: the batch repeated n times, one probe per row (probes
+    # shared by the stages of a step: the first call of a solve takes no second probe)
     n = 4000
-    single = dd.Hutchinson(1, noise=noise, mode="forward")
+    single = dd.Hutchinson(1, noise=noise, mode="forward", resample="step")
     single.reset(gen(7))
     _, draws = single(model_fn(gmm, t.repeat(n)), x.repeat(n, 1))
     draws = draws.reshape(n, -1)
@@ -195,6 +196,7 @@ def test_resample_semantics():
         return out
 
     solve, step, call = run("solve"), run("step"), run("call")
+    assert dd.Hutchinson(2).resample == "call"  # the default: every stage its own probes
     # "solve": one set of probes for the whole solve
     assert all(torch.equal(solve[0], d) for d in solve)
     # "step": the stages of a step share probes; begin_step draws fresh ones
@@ -393,7 +395,31 @@ def test_variance_estimate_is_unbiased(noise):
     est(model_fn(gmm, t.repeat(n)), x.repeat(n, 1))
     mean_var = est.last_var.reshape(n, -1).mean(0)
     assert ((mean_var / (var / p) - 1).abs() < 0.05).all(), mean_var / (var / p)
-    single = dd.Hutchinson(1)
+    if noise == "gaussian":
+        return
+    # one Rademacher probe: the diagonal term needs a second, independent probe, the previous
+    # call's; rescaling it by |J' e'| / |J e| costs O(1/D) of bias, hence a larger D here
+    gmm, x, t = setup(dim=128, b=3, seed=49)
+    jac = score_jacobian(gmm, x, t)
+    var = hutchinson_variance(jac, noise)
+    single = dd.Hutchinson(1, mode="forward")
     single.reset(gen(51))
-    single(model_fn(gmm, t), x)
-    assert single.last_var is None  # one Rademacher probe: the diagonal term is not estimable
+    fn = model_fn(gmm, t.repeat(n))
+    nfe = dd.NFE()
+    single(fn, x.repeat(n, 1), nfe)  # no predecessor: a second probe, counted, and the mean of two
+    assert nfe.jvp == 2 and single.last_samples.shape == (2, 3 * n)  # passes per sample
+    first = single.last_var.reshape(n, -1).mean(0)
+    assert ((first / (var / 2) - 1).abs() < 0.05).all(), first / (var / 2)
+    single(fn, x.repeat(n, 1), nfe)
+    assert nfe.jvp == 3
+    second = single.last_var.reshape(n, -1).mean(0)
+    assert ((second / var - 1).abs() < 0.05).all(), second / var
+    # ... and by the Jacobian's scale: a field twice as steep as the previous call's
+    single(lambda z: 2 * fn(z), x.repeat(n, 1))
+    scaled = single.last_var.reshape(n, -1).mean(0)
+    assert ((scaled / (4 * var) - 1).abs() < 0.05).all(), scaled / (4 * var)
+    shared = dd.Hutchinson(1, resample="step")
+    shared.reset(gen(52))
+    shared(model_fn(gmm, t), x)
+    shared(model_fn(gmm, t), x)
+    assert shared.last_var is None  # the same probe twice: the diagonal term is not estimable

@@ -389,4 +389,7 @@ def test_typicality_standard_error_matches_the_spread_over_probe_seeds():
     exact = typicality(g, x, 0.5, divergence="exact")
     assert torch.equal(exact.stderr, torch.zeros(4, dtype=torch.float64))
     assert abs(float(h.mean(0)[0] - exact.h[0])) < 4 * float(se[0]) / math.sqrt(32) + 1e-9
-    assert typicality(g, x, 0.5, probes=1, generator=torch.Generator().manual_seed(0)).stderr is None
+    # one evaluation with one probe draws a second, so that it too carries its error
+    assert typicality(g, x, 0.5, probes=1, generator=torch.Generator().manual_seed(0)).stderr.shape == (4,)
+    shared = dd.Hutchinson(1, resample="step")
+    assert typicality(g, x, 0.5, divergence=shared, generator=torch.Generator().manual_seed(0)).stderr is None

@@ -271,13 +271,27 @@ def test_default_is_accurate_and_reports_calibrated_error_bars():
     assert 4 * 24 <= r.settings["primal_passes"] <= 4 * 24 + 3 and 2 * 4 * 24 <= r.nfe.jvp + r.nfe.vjp <= 2 * (4 * 24 + 3)
 
 
-def test_exact_divergence_has_zero_stderr_and_single_probe_none():
+def test_one_probe_states_a_calibrated_error_too():
+    """One probe per evaluation: its variance comes from the previous evaluation's independent
+    probe (docs/math.md s.9); over 24 probe seeds the error bars have unit spread, as with two."""
+    gmm = hard_mixture(256, seed=30)
+    n, reps = 6, 24
+    x = gmm.sample(n, generator=gen(31))
+    r = dd.log_likelihood(gmm, x.repeat(reps, 1), probes=1, prior_logp=exact_prior(gmm), generator=gen(33))
+    err = r.logp.reshape(reps, n) - gmm.log_prob(x, gmm.schedule.t_min)
+    z = (err - err.mean(0)) / r.stderr.reshape(reps, n)
+    spread = float(z.std() * math.sqrt(reps / (reps - 1)))
+    assert 0.8 <= spread <= 1.25, spread
+    assert r.nfe.jvp + r.nfe.vjp <= 4 * 24 + 1 + 3  # one product per evaluation, one more for the first
+
+
+def test_exact_divergence_has_zero_stderr_and_a_single_shared_probe_none():
     gmm = make_mixture(dd.VP(), 3, k=2, seed=33)
     x = gmm.sample(4, generator=gen(34))
     exact = dd.log_likelihood(gmm, x, steps=8, divergence="exact")
     assert torch.equal(exact.stderr, torch.zeros(4, dtype=F64))
-    single = dd.log_likelihood(gmm, x, steps=8, probes=1, generator=gen(35))
-    assert single.stderr is None
+    shared = dd.log_likelihood(gmm, x, steps=8, divergence=dd.Hutchinson(1, resample="step"), generator=gen(35))
+    assert shared.stderr is None
     adaptive = dd.log_likelihood(gmm, x, solver="bosh3", divergence="exact", rtol=1e-6, atol=1e-6, prior_logp=exact_prior(gmm))
     truth = gmm.log_prob(x, gmm.schedule.t_min)
     # the embedded estimate bounds the error of the higher-order result
@@ -303,7 +317,7 @@ def test_target_stderr_adds_probes_until_met():
     with pytest.warns(UserWarning, match="not met with max_probes=4"):
         dd.log_likelihood(gmm, x, steps=8, prior_logp=exact_prior(gmm), generator=gen(38), target_stderr=1e-6, max_probes=4)
     with pytest.raises(ValueError, match="target_stderr needs"):
-        dd.log_likelihood(gmm, x, steps=8, probes=1, target_stderr=1.0)
+        dd.log_likelihood(gmm, x, steps=8, divergence=dd.Hutchinson(1, resample="step"), target_stderr=1.0)
 
 
 def test_bits_per_dim_stderr():

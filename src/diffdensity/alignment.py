@@ -206,7 +206,7 @@ def _solve(model, x_T, method, steps, solver, grid, probes, generator, mode, con
     """One tangent PF-ODE solve from ``t_max`` to ``t_min``."""
     omega = method != "with-score"
     sched = model.schedule
-    dyn = _TangentPFODE(model, track_omega=omega, mode=mode, divergence=Hutchinson(probes, resample="call"), cond=cond)
+    dyn = _TangentPFODE(model, track_omega=omega, mode=mode, divergence=Hutchinson(probes), cond=cond)
     dyn.reset(generator)
     b = x_T.shape[0]
     t_T = torch.full((b,), sched.t_max, dtype=torch.float64)

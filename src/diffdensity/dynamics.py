@@ -127,6 +127,19 @@ class Dynamics:
             return None
         return samples.to(torch.float64).var(0) / samples.shape[0]
 
+    def rate_var(self, t: Tensor) -> Tensor | None:
+        """Variance ``(B,)`` of the last log-density rate of a deterministic dynamics, or ``None``.
+
+        Every deterministic rate here is ``-D f + (1/2) g^2 div s`` plus terms free of the
+        divergence estimate (s.3a, s.3b), so ``Var(rate) = ((1/2) g^2)^2 Var(div s)``
+        (:meth:`divergence_var`). ``None`` where the estimate enters the drift, and while
+        the estimator returns per-probe rates (whose spread carries the variance instead).
+        """
+        if self.divergence_in_drift or getattr(self.divergence, "per_probe", False):
+            return None
+        var = self.divergence_var()
+        return None if var is None else (0.5 * self.schedule(t).g2.to(torch.float64)) ** 2 * var
+
     def __call__(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError
 

@@ -113,10 +113,6 @@ def _plan(solver, steps, rtol, atol):
     return solver, steps, 1e-5 if rtol is None else rtol, 1e-5 if atol is None else atol
 
 
-def _estimator(divergence, probes):
-    if divergence == "hutchinson":
-        return Hutchinson(probes, resample="call")
-    return make_divergence(divergence, probes)
 
 
 def log_likelihood(
@@ -167,7 +163,7 @@ def log_likelihood(
     x, steps, probes, rtol, atol, target = _check_inputs(model, x, steps, solver, grid, probes, rtol, atol, generator, target_stderr)
     cond = v.check_kwargs(model_kwargs)
     solver, steps, rtol, atol = _plan(solver, steps, rtol, atol)
-    est = _estimator(divergence, probes)
+    est = make_divergence(divergence, probes)
     res = _solve(model, x, est, steps, solver, grid, generator, prior_logp, rtol, atol, cond)
     if step_halving:
         _halve(res, model, x, est, steps, solver, grid, generator, prior_logp, rtol, atol, cond)
@@ -213,17 +209,15 @@ def _solve(model, x, est, steps, solver, grid, generator, prior_logp, rtol, atol
 
 
 class _WithRateVariance:
-    """PF-ODE dynamics returning ``(u, rate, Var(rate))``: ``Var = (g^2 / 2)^2 Var(div s)``
-    with ``Var(div s)`` of the last call from :meth:`~diffdensity.dynamics.Dynamics.divergence_var`
-    (docs/math.md s.3a, s.6)."""
+    """PF-ODE dynamics returning ``(u, rate, Var(rate))`` (:meth:`~diffdensity.dynamics.Dynamics.rate_var`;
+    docs/math.md s.3a, s.6)."""
 
     def __init__(self, dyn: PFODE):
         self.dyn = dyn
 
     def __call__(self, t: Tensor, x: Tensor):
         u, rate = self.dyn(t, x)
-        var = self.dyn.divergence_var()
-        return u, rate, None if var is None else (0.5 * self.dyn.schedule(t).g2) ** 2 * var
+        return u, rate, self.dyn.rate_var(t)
 
 
 def _halve(res, model, x, est, steps, solver, grid, generator, prior_logp, rtol, atol, cond) -> None:
@@ -247,7 +241,7 @@ def _meet_target(res, target, max_probes, model, x, divergence, est, steps, solv
         bad = (res.stderr > target).nonzero().flatten()
         need = float((res.stderr[bad] / target).square().max())
         probes = min(max_probes, max(2 * probes, math.ceil(probes * need)))
-        more = _estimator(divergence, probes) if isinstance(divergence, str) else Hutchinson(probes, noise=est.noise, resample=est.resample, mode=est.mode)
+        more = make_divergence(divergence, probes) if isinstance(divergence, str) else Hutchinson(probes, noise=est.noise, resample=est.resample, mode=est.mode)
         r2 = _solve(model, x[bad], more, steps, solver, grid, generator, prior_logp, rtol, atol, cond)
         w1, w2 = 1 / res.stderr[bad].square(), 1 / r2.stderr.square()
         for name in ("logp", "delta_logp"):

@@ -225,16 +225,16 @@ class _StageSpread:
 
 
 def _require_rate(dyn: Dynamics, phase: str) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    """``dyn`` for odeint, refusing to carry log p on silently when it returns no rate."""
+    """``dyn`` for odeint with the variance of its rate, refusing to carry log p on silently when it returns no rate."""
 
-    def func(t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    def func(t: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         u, rate = dyn(t, x)
         if rate is None:
             raise RuntimeError(
                 f"phase {phase!r}: {type(dyn).__name__} returned no log-density rate although track_logp=True "
                 f"(build it with the context's dynamics_kwargs(), which passes the divergence estimator)"
             )
-        return u, rate
+        return u, rate, dyn.rate_var(t)
 
     return func
 
