@@ -208,7 +208,7 @@ CHOICES = [
     ("oracle, rk4 16", dict(solver="rk4", steps=16, divergence="oracle")),
     ("oracle, rk4 24", dict(solver="rk4", steps=24, divergence="oracle")),
     ("oracle, bosh3 rtol 1e-3, control on x", dict(solver="bosh3", rtol=1e-3, atol=1e-3, divergence="oracle")),
-    ("former default: heun 64, 1 probe per step", dict(solver="heun", steps=64, divergence=lambda: dd.Hutchinson(1))),
+    ("former default: heun 64, 1 probe per step", dict(solver="heun", steps=64, divergence=lambda: dd.Hutchinson(1, resample="step"))),
     ("rk4 24, 1 probe per stage", dict(probes=1)),
     ("rk4 24, 2 probes per stage [default]", dict()),
     ("rk4 24, 2 probes per step (stages share)", dict(divergence=lambda: dd.Hutchinson(2, resample="step"))),

@@ -43,7 +43,7 @@ logp_path.png, table.csv/json, samples.csv/json and index.html (all of them on o
 into --out.
 """
 EPILOG = "examples:\n  diffdensity demo --out out/demo -n 8 --steps 32\n  diffdensity demo --check 0    # no re-encoding (faster)"
-DEMO_PROBES = 2  # Hutchinson probes per step: enough for every tracked value to carry its standard error
+DEMO_PROBES = 2  # Hutchinson probes per network evaluation (one pass serves both): halves the variance of one
 DEMO_CHECK = 2  # samples re-encoded per row
 REENCODING: dict = {}  # options of check_consistency for the re-encoding (none: its defaults)
 BIAS_K = 3.0  # a row is marked when its median |gap| exceeds this many (median) standard errors

@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", choices=fixed_solvers, default=_api_default("solver"), help="fixed-step ODE solver")
     p.add_argument("--grid", choices=GRIDS, default="log_snr", help="time grid of the steps")
     p.add_argument("--divergence", choices=("hutchinson", "exact"), default="hutchinson", help="divergence estimator")
-    p.add_argument("--probes", type=positive_int, default=_api_default("probes"), help="Hutchinson probes per step (>= 2: a standard error per row)")
+    p.add_argument("--probes", type=positive_int, default=_api_default("probes"), help="Hutchinson probes per network evaluation, fresh at each (every row carries its standard error)")
     p.add_argument("--draws", type=positive_int, default=_api_default("draws"), help="uniform dequantisation draws per image (averaged)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (default: %(default)s, i.e. sized to the free memory)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (GPU)")

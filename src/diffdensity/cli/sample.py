@@ -91,7 +91,7 @@ def register(sub) -> argparse.ArgumentParser:
     s.add_argument("--noise", choices=["early", "late"], default=None, help="noise window of stochastic density guidance")
     s.add_argument("--no-track", action="store_true", help="do not track the log-density")
     s.add_argument("--probes", type=positive_int, default=DEFAULT_PROBES,
-                   help="Hutchinson probes per step for tracking (>= 2 gives each log p its standard error; one network pass serves them all)")
+                   help="Hutchinson probes per network evaluation for tracking, fresh at each (one network pass serves them all)")
     s.add_argument("--check", type=positive_int, default=None, metavar="N",
                    help="re-encode the first N samples with the PF-ODE and report the gap to their tracked log-density")
     s.add_argument("--out", default="out/samples", help="output folder (PNG files, grid.png and samples.csv)")
