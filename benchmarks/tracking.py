@@ -93,6 +93,9 @@ def error_rows(gmm: dd.GaussianMixture, quick: bool) -> list[tuple[str, dict]]:
         ("pf-ode  heun 64, 1 probe", dict(method="pf-ode", solver="heun", steps=64)),
         ("pf-ode  exp-heun 64, 1 probe", dict(method="pf-ode", solver="exp-heun", steps=64)),
         ("pf-ode  exp-heun 32, 1 probe", dict(method="pf-ode", solver="exp-heun", steps=32)),
+        ("pf-ode  exp-heun 64, tapered", dict(method="pf-ode", solver="exp-heun", steps=64, grid="tapered")),
+        ("pf-ode  exp-heun 32, tapered", dict(method="pf-ode", solver="exp-heun", steps=32, grid="tapered")),
+        ("sde  tweedie-jvp 32, tapered", dict(method="sde", solver="tweedie-jvp", steps=32, grid="tapered")),
         ("hd (thr 2)  heun 64, 1 probe", dict(method="hd", log_snr_threshold=2.0, steps=64)),
         ("hd (thr 2, sde start)  64/tweedie", dict(method="hd", log_snr_threshold=2.0, start="sde", steps=64)),
         ("custom ODE (k=1.5)  heun 64", dict(method="custom", drift=scaled_drift(sched, 1.5), steps=64)),
@@ -299,6 +302,7 @@ def model_rows(schedule) -> list[tuple[str, dict]]:
     custom_sde = dict(method="custom", drift=scaled_drift(schedule, 1.25), diffusion=gamma_diffusion(schedule, 0.5))
     return [
         ("pf-ode", dict(method="pf-ode", solver="exp-heun")),
+        ("pf-ode, tapered grid", dict(method="pf-ode", solver="exp-heun", grid="tapered")),
         ("sde", dict(method="sde")),
         ("sde 64 steps", dict(method="sde", steps=64)),
         ("sde 128 steps (over the budget)", dict(method="sde", steps=128)),
@@ -306,6 +310,7 @@ def model_rows(schedule) -> list[tuple[str, dict]]:
         ("sde, noise until logSNR 3, then pf-ode", dict(method="sde", noise_until=3.0)),
         ("sde, noise until logSNR 0, then pf-ode", dict(method="sde", noise_until=0.0)),
         ("density-guidance q=0.5", dict(method="density-guidance", q=0.5, solver="exp-heun")),
+        ("density-guidance q=0.5, tapered grid", dict(method="density-guidance", q=0.5, solver="exp-heun", grid="tapered")),
         ("density-guidance q=0.8", dict(method="density-guidance", q=0.8, solver="exp-heun")),
         ("hd (threshold 2)", dict(method="hd", log_snr_threshold=2.0, solver="exp-heun")),
         ("prior-guidance q=0.5", dict(method="prior-guidance", q=0.5, solver="exp-heun")),
@@ -322,16 +327,18 @@ def model_rows(schedule) -> list[tuple[str, dict]]:
     ]
 
 
-def section_model(n: int, only: str | None) -> None:
+def section_model(n: int, only: str, seeds: int = 1) -> None:
+    """``only``: comma-separated parts of row names (empty: every row); ``seeds``: every latent this many times, each with its own probes and noise."""
     model = dd.load_pretrained("patches16")
     sched = model.schedule
     steps = 32
-    print(f"4. Tracked vs re-encoded log p on the bundled model patches16 (D = 768), {n} samples, {steps} steps; "
+    print(f"4. Tracked vs re-encoded log p on the bundled model patches16 (D = 768), {n} latents x {seeds} seeds, {steps} steps; "
           f"re-encoding {REENCODE}")  # fmt: skip
-    x_T = sched.prior_sample((n, *model.event_shape), generator=torch.Generator().manual_seed(5))
+    x_T = sched.prior_sample((n, *model.event_shape), generator=torch.Generator().manual_seed(5)).repeat(seeds, 1, 1, 1)
+    n *= seeds
     runs = []
     for name, opts in model_rows(sched):
-        if only and only not in name:
+        if only and not any(part in name for part in only.split(",")):
             continue
         t0 = time.perf_counter()
         opts = {"steps": steps, **opts}
@@ -353,6 +360,8 @@ def section_model(n: int, only: str | None) -> None:
         se = se.sqrt()
         print(f"   {name:<40} {float(gap.abs().median()):>12.1f} {float(gap.abs().max()):>10.1f} {float(gap.mean()):>+9.1f} "
               f"{float(se.median()):>7.1f} {float((gap.abs() / se).median()):>8.1f} {str(r.nfe):>28}", flush=True)  # fmt: skip
+        if seeds > 1:
+            print(f"   {'':<40} mean gap per latent {[round(v, 1) for v in gap.reshape(seeds, -1).mean(0).tolist()]}")
     print()
 
 
@@ -472,7 +481,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="256-step rows only, shorter timings")
     p.add_argument("--only", choices=("errors", "timing", "hd", "model", "steps", "target"), help="run one section")
     p.add_argument("--model-n", type=int, default=6, help="samples per method on the bundled model (sections model, steps: 2)")
-    p.add_argument("--rows", default="", help="section model: only the methods whose name contains this")
+    p.add_argument("--rows", default="", help="section model: only the methods whose name contains one of these comma-separated parts")
+    p.add_argument("--seeds", type=int, default=1, help="section model: runs of every latent, each with its own probes and noise")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--figure", default=str(ROOT / "docs" / "figures" / "hd_threshold.png"), help="HD figure path ('' to skip)")
     a = p.parse_args()
@@ -487,7 +497,7 @@ def main() -> None:
     if a.only in (None, "hd"):
         section_hd(16, Path(a.figure) if a.figure else None)
     if a.only in (None, "model"):
-        section_model(a.model_n, a.rows)
+        section_model(a.model_n, a.rows, a.seeds)
     if a.only in (None, "target"):
         section_target()
     if a.only in (None, "steps"):

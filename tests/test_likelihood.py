@@ -157,7 +157,7 @@ def test_rotated_d1024():
     hutchinson_vs_closed_form(gmm, x.repeat(4, 1), steps=16, probes=1, noise="rademacher", seed=14)
 
 
-@pytest.mark.parametrize("grid", ["log_snr", "uniform", "karras"])
+@pytest.mark.parametrize("grid", ["log_snr", "tapered", "uniform", "karras"])
 def test_time_grids(grid):
     """Heun is second order on every grid: the 64-step error is (L_32 - L_64) / 3 (Richardson)."""
     sched = dd.VPCosine()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import diffdensity as dd
+from diffdensity.schedules import TAPER
 from conftest import F64, SCHEDULE_NAMES, SCHEDULES, gen, make_schedule
 
 
@@ -132,7 +133,7 @@ def test_vp_cosine_range_follows_log_snr_limits():
 
 
 @pytest.mark.parametrize("name", SCHEDULE_NAMES)
-@pytest.mark.parametrize("spacing", ["uniform", "log_snr", "karras"])
+@pytest.mark.parametrize("spacing", ["uniform", "log_snr", "tapered", "karras"])
 def test_time_grid(name, spacing):
     s = make_schedule(name)
     for steps in (1, 7, 32):
@@ -149,6 +150,15 @@ def test_time_grid(name, spacing):
             q = grid
         elif spacing == "log_snr":
             q = s.log_snr(grid)
+        elif spacing == "tapered":  # logSNR steps shrinking linearly from (1 + TAPER) h to (1 - TAPER) h
+            h = s.log_snr(grid).diff()
+            mean = (s.log_snr_max - s.log_snr_min) / steps
+            if steps > 1:
+                torch.testing.assert_close(h.diff(), h.diff().mean().expand(steps - 1), rtol=1e-8, atol=1e-10)
+                torch.testing.assert_close(h[[0, -1]] / mean, torch.tensor([1 + TAPER, 1 - TAPER], dtype=F64) * (steps - 1) / steps + 1 / steps, rtol=1e-8, atol=0)
+            q = h.cumsum(0)  # the range is covered exactly
+            torch.testing.assert_close(q[-1], torch.tensor(s.log_snr_max - s.log_snr_min, dtype=F64), rtol=1e-10, atol=1e-9)
+            continue
         else:
             q = torch.exp(-s.log_snr(grid) / (2 * 7.0))  # sigma_ve^(1/rho)
         d = q.diff()

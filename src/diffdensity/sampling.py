@@ -287,7 +287,7 @@ def sample(
             ``"tweedie"`` for exact scores, ``"ancestral"``,
             ``"euler-maruyama"``; each dynamics says which it supports). One name: it
             applies to the phases of its kind, the others keep their default.
-        grid: ``"log_snr"`` (uniform in logSNR), ``"uniform"`` or ``"karras"``.
+        grid: ``"log_snr"``, ``"tapered"``, ``"uniform"`` or ``"karras"`` (``Schedule.time_grid``).
         track_logp: carry the log-density (``False``: plain sampling, same ``x``).
         generator: the only source of randomness (latents, Brownian increments and,
             through a seed drawn from it, Hutchinson probes): same seed, same result,

@@ -30,8 +30,10 @@ __all__ = [
 ]
 
 
-GRIDS = ("log_snr", "uniform", "karras")
+GRIDS = ("log_snr", "tapered", "uniform", "karras")
 """Names of the time grids :meth:`Schedule.time_grid` builds."""
+TAPER = 0.8
+"""``"tapered"`` grids: logSNR steps from ``1 + TAPER`` (noise end) to ``1 - TAPER`` (data end) times the uniform step."""
 
 
 @dataclass(frozen=True)
@@ -171,9 +173,12 @@ class Schedule:
     ) -> Tensor:
         """``steps + 1`` float64 times from ``t_start`` (default ``t_max``) to ``t_end`` (default ``t_min``).
 
-        ``spacing``: ``"uniform"`` in t, ``"log_snr"`` uniform in logSNR, or ``"karras"``
-        (uniform in ``sigma_ve^(1/rho)`` with ``sigma_ve = sigma/alpha = exp(-lambda/2)``,
-        the EDM grid). The grid runs in whichever direction ``t_start -> t_end`` points.
+        ``spacing``: ``"uniform"`` in t, ``"log_snr"`` uniform in logSNR, ``"tapered"``
+        (logSNR steps that shrink linearly towards the data end, from ``1 + TAPER`` to
+        ``1 - TAPER`` times the uniform step: where the density sharpens, docs/sampling.md),
+        or ``"karras"`` (uniform in ``sigma_ve^(1/rho)`` with ``sigma_ve = sigma/alpha =
+        exp(-lambda/2)``, the EDM grid). The grid runs in whichever direction
+        ``t_start -> t_end`` points.
         """
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
@@ -183,11 +188,15 @@ class Schedule:
         u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
         if spacing == "uniform":
             grid = t0 + (t1 - t0) * u
-        elif spacing in ("log_snr", "karras"):
+        elif spacing in ("log_snr", "tapered", "karras"):
             ends = torch.tensor([t0, t1], dtype=torch.float64)
             l0, l1 = self.log_snr(ends)
             if spacing == "log_snr":
                 lam = l0 + (l1 - l0) * u
+            elif spacing == "tapered":  # the fraction of the logSNR range done, from the noise end
+                v = u if l1 > l0 else 1 - u
+                w = (1 - TAPER) * v + TAPER * v * (2 - v)
+                lam = l0 + (l1 - l0) * (w if l1 > l0 else 1 - w)
             else:
                 s0, s1 = torch.exp(-l0 / 2) ** (1 / rho), torch.exp(-l1 / 2) ** (1 / rho)
                 lam = -2 * rho * torch.log(s0 + (s1 - s0) * u)

@@ -75,12 +75,16 @@ def solver_names() -> list[str]:
 
 
 def register(sub) -> argparse.ArgumentParser:
+    from ..schedules import GRIDS
+
     s = sub.add_parser("sample", help=HELP, description=DESCRIPTION, formatter_class=HelpFormatter, epilog=EPILOG)
     add_model_options(s)
     s.add_argument("-n", "--n", type=positive_int, default=16, help="number of samples")
     s.add_argument("--method", choices=method_names(), default="pf-ode", help="sampling method")
     s.add_argument("--steps", type=positive_int, default=None, help="solver steps (default: the method's, as in the Python API)")
     s.add_argument("--solver", choices=solver_names(), default=None, help="ODE solver or stochastic scheme (default: the method's)")
+    s.add_argument("--grid", choices=GRIDS, default="log_snr",
+                   help="time grid of the steps ('tapered': logSNR steps shrinking towards the data end)")
     s.add_argument("--q", type=quantile, default=None, help="quantile for density / prior guidance")
     s.add_argument("--log-snr-threshold", type=finite_float, default=None, help=f"logSNR switch point of the high-density sampler (default for hd: {hd_default()}, as in the API)")
     s.add_argument("--target-logp", type=finite_float, default=None, help="density guidance: wanted log p_0 in nats (instead of --q)")
@@ -164,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     x_T = latents(model, shape, args.n, args.seed, args.device)
     t0 = time.perf_counter()
     res = run_with_progress(sample, args.method, steps, adaptive=is_adaptive(args.solver), model=model, x_T=x_T, method=args.method, track_logp=not args.no_track,
-                            probes=args.probes, generator=generator(args.seed + 1), **opts)
+                            probes=args.probes, grid=args.grid, generator=generator(args.seed + 1), **opts)
     seconds = time.perf_counter() - t0
     names = write_images(out, res.x, shape)
     report = None
