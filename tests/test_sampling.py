@@ -454,3 +454,19 @@ def test_results_say_whether_tracking_is_exact_for_the_models_flow():
         opts = {} if q is None else {"q": q}
         r = dd.sample(gmm, x_T=x_T, method=method, steps=4, generator=torch.Generator().manual_seed(1), **opts)
         assert r.settings["logp_exact_for_flow"] is exact, (method, q)
+
+
+def test_adaptive_solvers_share_probes_across_the_stages_of_a_step():
+    """An embedded pair compares the stages of a step: with fresh probes per stage it would read
+    their noise as discretisation error and shrink its steps. Stages share them, so the step count
+    stays that of the exact divergence, and the result stays unbiased within its error."""
+    g = mixture(16, seed=41)
+    x_T = g.schedule.prior_sample((8, 16), generator=gen(42), dtype=torch.float64)
+    opts = dict(x_T=x_T, method="pf-ode", solver="bosh3", rtol=1e-4, atol=1e-4)
+    exact = sample(g, divergence="exact", **opts)
+    runs = [sample(g, generator=gen(43 + k), **opts) for k in range(6)]
+    assert max(r.steps for r in runs) <= 1.5 * exact.steps, ([r.steps for r in runs], exact.steps)
+    err = torch.stack([r.logp for r in runs]) - exact.logp
+    assert float(err.mean(0).abs().max()) < 4 * float(err.std(0).max()) / 6**0.5 + 1e-6
+    assert dd.divergence.make_divergence("hutchinson", solver="bosh3").resample == "step"
+    assert dd.divergence.make_divergence("hutchinson", solver="exp-heun").resample == "call"

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .models import NFE, Model
+from .solvers import TABLEAUX
 
 __all__ = ["DivergenceEstimator", "Exact", "Hutchinson", "make_divergence", "model_fn", "jacobian_vector_product"]
 
@@ -415,14 +416,21 @@ class Hutchinson(DivergenceEstimator):
         return 2 * (fro - scale * (last_d * d[0]).sum(-1)).clamp_min(0)
 
 
-def make_divergence(divergence: str | DivergenceEstimator, probes: int = 1) -> DivergenceEstimator:
-    """``"exact"``, ``"hutchinson"`` or an estimator instance -> an estimator."""
+def make_divergence(divergence: str | DivergenceEstimator, probes: int = 1, *, solver: str | None = None) -> DivergenceEstimator:
+    """``"exact"``, ``"hutchinson"`` or an estimator instance -> an estimator.
+
+    Hutchinson probes are fresh at every call, except for an adaptive ``solver`` that
+    controls the tracked log-density: its embedded error estimate compares the stages of
+    a step, which must then see one random integrand (``resample="step"``); with fresh
+    probes per stage it would read their noise as discretisation error and shrink the steps.
+    """
     if isinstance(divergence, DivergenceEstimator):
         return divergence
     if divergence == "exact":
         return Exact()
     if divergence == "hutchinson":
-        return Hutchinson(probes)
+        adaptive = isinstance(solver, str) and solver in TABLEAUX and TABLEAUX[solver].adaptive
+        return Hutchinson(probes, resample="step" if adaptive else "call")
     raise ValueError(f"unknown divergence {divergence!r}; expected 'exact', 'hutchinson' or an estimator")
 
 

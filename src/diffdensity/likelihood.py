@@ -113,8 +113,6 @@ def _plan(solver, steps, rtol, atol):
     return solver, steps, 1e-5 if rtol is None else rtol, 1e-5 if atol is None else atol
 
 
-
-
 def log_likelihood(
     model: Model,
     x: Tensor,

@@ -319,7 +319,7 @@ def sample(
     for value, what in ((callback, "callback(info)"), (prior_logp, "prior_logp(x_T) -> (B,)")):
         if value is not None and not callable(value):
             raise TypeError(f"{what.partition('(')[0]} must be callable as {what}")
-    est = make_divergence(divergence, probes)
+    est = make_divergence(divergence, probes, solver=solver)
     x_T = _latents(model, n, x_T, generator, dtype, device)
     ctx = MethodContext(model, model.schedule, x_T, options, track_logp, est, v.check_kwargs(model_kwargs), NFE())
     run = dict(method=method, steps=steps, grid=grid, solver=solver, generator=generator, callback=callback,

@@ -189,10 +189,8 @@ class _RateWithVar:
 
 def _weighted_var(h: float, coeffs: tuple[float, ...], rates: list) -> tuple[list, Tensor | None]:
     """The plain rates and ``sum_i (h c_i)^2 var_i`` (independent stages) where variances were given."""
-    if not rates or not isinstance(rates[0], _RateWithVar):
-        return rates, None
-    plain = [r.rate for r in rates]
-    if any(r.var is None for r in rates):
+    plain = [r.rate if isinstance(r, _RateWithVar) else r for r in rates]
+    if not rates or not all(isinstance(r, _RateWithVar) and r.var is not None for r in rates):
         return plain, None
     return plain, sum((h * c) ** 2 * r.var for c, r in zip(coeffs, rates) if c != 0.0)
 
