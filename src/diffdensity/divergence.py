@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .models import NFE, Model
-from .solvers import TABLEAUX
+from .solvers import is_adaptive
 
 __all__ = ["DivergenceEstimator", "Exact", "Hutchinson", "make_divergence", "model_fn", "jacobian_vector_product"]
 
@@ -367,18 +367,19 @@ class Hutchinson(DivergenceEstimator):
             extra = self.draw(x)
             eps, jv = torch.cat([eps, extra]), torch.cat([jv, more(extra)[1]])
             self._count(self.resolved_mode, 1, nfe)
-        p = eps.shape[0]
-        quad = (eps * jv).reshape(p, x.shape[0], -1).to(torch.float64).sum(-1)
+        d = (eps * jv).reshape(eps.shape[0], x.shape[0], -1).to(torch.float64)  # e_p * J e_p, (P, B, D)
+        quad = d.sum(-1)
         check_finite(quad, "a Jacobian product", fn, _NET_HINT)
+        fro = jv.reshape(d.shape).to(torch.float64).square().sum(-1).mean(0)  # mean_p |J e_p|^2, (B,)
         self.last_samples = quad
-        self.last_var = self._variance(eps, jv)
+        self.last_var = self._variance(d, fro)
         if chained:
-            d = (eps * jv).reshape(p, x.shape[0], -1).to(torch.float64)
-            self._last_d = (d.mean(0), jv.reshape(p, x.shape[0], -1).to(torch.float64).square().sum(-1).mean(0))
+            self._last_d = (d.mean(0), fro)
         return fx, (quad if self.per_probe else quad.mean(0))
 
-    def _variance(self, eps: Tensor, jv: Tensor) -> Tensor | None:
-        """Estimated variance of the returned mean, float64 ``(B,)``.
+    def _variance(self, d: Tensor, fro: Tensor) -> Tensor | None:
+        """Estimated variance of the returned mean, float64 ``(B,)``, from ``d = e_p * J e_p``
+        ``(P, B, D)`` and ``fro = mean_p |J e_p|^2`` ``(B,)``.
 
         For a symmetric ``J``, ``Var(e^T J e) = 2 (|J|_F^2 - sum_i J_ii^2)`` (Rademacher) or
         ``2 |J|_F^2`` (Gaussian). ``|J e_p|^2`` is unbiased for ``|J|_F^2`` and, for two
@@ -399,17 +400,14 @@ class Hutchinson(DivergenceEstimator):
         returns the mean of the two. ``None`` where one probe is shared
         (``resample="step"`` or ``"solve"``).
         """
-        p, b = eps.shape[0], eps.shape[1]
-        jv = jv.reshape(p, b, -1).to(torch.float64)
-        fro = jv.square().sum(-1).mean(0)
+        p = d.shape[0]
         if self.noise == "gaussian":
             return 2 * fro / p
-        d = eps.reshape(p, b, -1).to(torch.float64) * jv
         if p >= 2:
             total = d.sum(0)
             cross = (total.square().sum(-1) - d.square().sum((0, 2))) / (p * (p - 1))
             return 2 * (fro - cross).clamp_min(0) / p
-        if self.resample != "call" or self._last_d is None:
+        if self._last_d is None:  # kept only where each call draws its own probe
             return None
         last_d, last_fro = self._last_d
         scale = (fro / last_fro.clamp_min(torch.finfo(torch.float64).tiny)).sqrt()
@@ -429,8 +427,7 @@ def make_divergence(divergence: str | DivergenceEstimator, probes: int = 1, *, s
     if divergence == "exact":
         return Exact()
     if divergence == "hutchinson":
-        adaptive = isinstance(solver, str) and solver in TABLEAUX and TABLEAUX[solver].adaptive
-        return Hutchinson(probes, resample="step" if adaptive else "call")
+        return Hutchinson(probes, resample="step" if is_adaptive(solver) else "call")
     raise ValueError(f"unknown divergence {divergence!r}; expected 'exact', 'hutchinson' or an estimator")
 
 

@@ -177,8 +177,8 @@ def _solve(model, x, est, steps, solver, grid, generator, prior_logp, rtol, atol
     dyn = PFODE(model, divergence=est, cond=cond)
     dyn.reset(generator)
     resample = getattr(est, "resample", "solve")
-    # fresh probes at every stage: each rate's own variance; otherwise the probes' spread
-    func = _WithRateVariance(dyn) if resample == "call" else dyn
+    # fresh probes at every stage: each rate's own variance (rate_var); otherwise the probes' spread
+    func = _WithRateVariance(dyn)
     primal0 = est.primal_passes
     with est.probe_rates(), torch.no_grad():
         sol = odeint(

@@ -22,7 +22,7 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["Tableau", "TABLEAUX", "Solution", "StepInfo", "odeint", "check_state"]
+__all__ = ["Tableau", "TABLEAUX", "Solution", "StepInfo", "odeint", "check_state", "is_adaptive"]
 
 
 class ODEFunc(Protocol):
@@ -90,6 +90,11 @@ TABLEAUX: dict[str, Tableau] = {
     "bosh3": _bosh3(),
     "dopri5": _dopri5(),
 }
+
+
+def is_adaptive(solver) -> bool:
+    """Whether ``solver`` names an embedded Runge-Kutta pair, which chooses its own steps."""
+    return isinstance(solver, str) and solver in TABLEAUX and TABLEAUX[solver].adaptive
 
 
 @dataclass

@@ -124,16 +124,10 @@ def method_options(args: argparse.Namespace) -> dict:
     return opts
 
 
-def is_adaptive(solver: str | None) -> bool:
-    """Whether ``--solver`` chooses its own steps (an embedded Runge-Kutta pair)."""
-    from ..solvers import TABLEAUX
-
-    return solver in TABLEAUX and TABLEAUX[solver].adaptive
-
-
 def resolve_steps(args: argparse.Namespace) -> int:
     """``--steps`` or the method's default; a warning where an adaptive solver only takes its first step from it."""
     from ..sampling import METHODS  # every registered method, guidance included
+    from ..solvers import is_adaptive
 
     if is_adaptive(args.solver) and args.steps is not None:
         warn("sample", f"--steps {args.steps} only sets the first step size of the adaptive --solver {args.solver}, which chooses its own steps")
@@ -156,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from ..sampling import sample
+    from ..solvers import is_adaptive
     from .progress import run_with_progress
 
     opts = method_options(args)
