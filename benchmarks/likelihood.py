@@ -245,7 +245,8 @@ def unet(n: int, seeds: int, ref_n: int) -> None:
     print(f"AD modes, default estimator, 4 RK4 steps: forward {modes['forward']:.1f} s, reverse {modes['reverse']:.1f} s; "
           f"auto resolved to {auto.settings['ad_mode']} (measured per product: {auto.settings['ad_timings']})")
     settings = (("default dd.log_likelihood(model, x)", {}),
-                ("k-diffusion style: dopri5 1e-4, 1 fixed probe", dict(solver="dopri5", rtol=1e-4, atol=1e-4, divergence=dd.Hutchinson(1, resample="solve"))))
+                ("default with pixel probes (before)", dict(divergence=dd.Hutchinson(2, basis="pixel"))),
+                ("k-diffusion style: dopri5 1e-4, 1 fixed probe", dict(solver="dopri5", rtol=1e-4, atol=1e-4, divergence=dd.Hutchinson(1, resample="solve", basis="pixel"))))
     results = {}
     for label, opts in settings:
         runs, total = [], 0.0

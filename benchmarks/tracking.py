@@ -302,7 +302,8 @@ def model_rows(schedule) -> list[tuple[str, dict]]:
     custom_sde = dict(method="custom", drift=scaled_drift(schedule, 1.25), diffusion=gamma_diffusion(schedule, 0.5))
     return [
         ("pf-ode", dict(method="pf-ode", solver="exp-heun")),
-        ("pf-ode, tapered grid", dict(method="pf-ode", solver="exp-heun", grid="tapered")),
+        ("pf-ode, uniform logSNR grid", dict(method="pf-ode", solver="exp-heun", grid="log_snr")),
+        ("pf-ode, uniform logSNR, pixel probes (before)", dict(method="pf-ode", solver="exp-heun", grid="log_snr", divergence=dd.Hutchinson(1, basis="pixel"))),
         ("sde", dict(method="sde")),
         ("sde 64 steps", dict(method="sde", steps=64)),
         ("sde 128 steps (over the budget)", dict(method="sde", steps=128)),
@@ -310,7 +311,7 @@ def model_rows(schedule) -> list[tuple[str, dict]]:
         ("sde, noise until logSNR 3, then pf-ode", dict(method="sde", noise_until=3.0)),
         ("sde, noise until logSNR 0, then pf-ode", dict(method="sde", noise_until=0.0)),
         ("density-guidance q=0.5", dict(method="density-guidance", q=0.5, solver="exp-heun")),
-        ("density-guidance q=0.5, tapered grid", dict(method="density-guidance", q=0.5, solver="exp-heun", grid="tapered")),
+        ("density-guidance q=0.5, uniform logSNR grid", dict(method="density-guidance", q=0.5, solver="exp-heun", grid="log_snr")),
         ("density-guidance q=0.8", dict(method="density-guidance", q=0.8, solver="exp-heun")),
         ("hd (threshold 2)", dict(method="hd", log_snr_threshold=2.0, solver="exp-heun")),
         ("prior-guidance q=0.5", dict(method="prior-guidance", q=0.5, solver="exp-heun")),

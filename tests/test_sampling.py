@@ -397,6 +397,21 @@ def test_default_ode_solver_follows_the_kind_of_model(gmm):
     assert sample(net, 2, steps=2, track_logp=False).settings["solvers"] == ["exp-heun"]
 
 
+def test_default_grid_follows_the_kind_of_model_and_of_dynamics(gmm):
+    """Tapered logSNR steps for ODE methods on a learned network, uniform logSNR steps for
+    exact scores and for plans with a stochastic phase; a given grid is kept."""
+    net = dd.ScoreModel(_Net(4).double(), gmm.schedule, "eps", event_shape=(4,))
+    grid = lambda model, **kw: sample(model, 2, steps=4, track_logp=False, **kw).settings["grid"]  # noqa: E731
+    assert grid(gmm) == "log_snr" and grid(gmm, method="sde") == "log_snr"
+    assert grid(net) == "tapered" and grid(net, method="density-guidance", q=0.7) == "tapered"
+    assert grid(net, method="sde") == "log_snr" and grid(net, method="sde", noise_until=3.0) == "log_snr"
+    assert grid(net, grid="karras") == "karras" and grid(gmm, grid="tapered") == "tapered"
+    ts = sample(net, 2, steps=4, track_logp=False).ts
+    lam = net.schedule.log_snr(ts)
+    torch.testing.assert_close(ts, net.schedule.time_grid(4, spacing="tapered"))
+    assert float(lam.diff()[0]) > float(lam.diff()[-1]) > 0  # shrinking towards the data end
+
+
 @pytest.mark.parametrize("probes", [1, 2])
 @pytest.mark.parametrize("method, options", [("pf-ode", {}), ("density-guidance", dict(q=0.7))])
 def test_tracked_standard_error_matches_the_spread_over_probe_seeds(method, options, probes):

@@ -131,14 +131,16 @@ class _TangentPFODE(Dynamics):
         if not self.track_omega:
             return du, None
         # div_y (J_s(y) v) by Hutchinson, all probes in one nested product on a (P * B) batch
-        e = self.divergence.draw(x)
+        r = self.divergence.draw(x)
+        basis = self.divergence.basis_for(x)
+        e = basis.synthesis(r)
         p = e.shape[0]
         reps = (p,) + (1,) * (x.ndim - 1)
         v_rep = vt.repeat(reps)
         jvp_fn = lambda y: jacobian_vector_product(fn, y, v_rep, mode=self.mode)[1]  # noqa: E731
         _, hv, _ = jacobian_vector_product(jvp_fn, x.repeat(reps), e.reshape(-1, *x.shape[1:]), mode=self.mode)
         self.nfe.jvp += 2 * p
-        div_jv = (e.reshape(hv.shape) * hv).reshape(p, x.shape[0], -1).to(torch.float64).sum(-1)
+        div_jv = (r * basis.analysis(hv.reshape(e.shape))).reshape(p, x.shape[0], -1).to(torch.float64).sum(-1)
         rate = 0.5 * sv.g2 * div_jv
         return du, (rate if p > 1 else rate[0])
 
@@ -164,7 +166,7 @@ def score_alignment(
     with-score comes with every run at one forward pass). ``solver``: any ODE solver of
     :data:`diffdensity.expint.ODE_SOLVERS` with fixed steps; default the sampler's
     (exponential Heun for a learned network, Heun for exact scores,
-    :func:`diffdensity.sampling.default_ode_solver`). ``probes``: Rademacher probes per
+    :func:`diffdensity.methods.default_ode_solver`). ``probes``: Rademacher probes per
     evaluation of without-score (two JVPs each; ``>= 2`` gives its standard error).
     ``mode``: ``"forward"``, ``"reverse"`` or ``"auto"`` automatic differentiation
     (reverse needs double backward through the network). ``generator`` seeds the
@@ -173,7 +175,7 @@ def score_alignment(
     :class:`~diffdensity.solvers.StepInfo` after every step (state ``[x; v]``), numbered
     on through the half-steps solve (``steps + steps // 2`` in all).
     """
-    from .sampling import default_ode_solver
+    from .methods import default_ode_solver
 
     v.check_model(model)
     x_T = v.check_x(x_T, model, name="x_T")

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
+from .bases import check_basis, resolve_basis
 from .models import NFE, Model
 from .solvers import is_adaptive
 
@@ -316,12 +317,19 @@ class Hutchinson(DivergenceEstimator):
     ``"solve"`` (the classic FFJORD choice). All ``probes`` products of a call come from
     one primal evaluation.
 
+    ``basis``: the orthonormal basis ``U`` of the probes ``e = U r``, where ``r`` are the
+    drawn coefficients (:mod:`diffdensity.bases`). ``"auto"`` (the default) takes the
+    image DCT for image-shaped samples ``(C, H, W)``, where a denoiser's Jacobian is close
+    to diagonal (1.6-10x less variance on the bundled model), and pixels otherwise;
+    ``"pixel"``, ``"dct"`` or a basis object choose. Gaussian probes are rotation
+    invariant and ignore it.
+
     ``last_var`` after a call estimates the variance of the returned mean (see
     :meth:`_variance`); with one Rademacher probe it needs a second, independent probe,
     which under ``resample="call"`` is the previous call's.
     """
 
-    def __init__(self, probes: int = 1, *, noise: str = "rademacher", resample: str = "call", mode: str = "auto"):
+    def __init__(self, probes: int = 1, *, noise: str = "rademacher", resample: str = "call", mode: str = "auto", basis: Any = "auto"):
         super().__init__(mode)
         if isinstance(probes, bool) or not isinstance(probes, numbers.Integral) or probes < 1:
             raise ValueError(f"probes must be a positive integer, got {probes!r}")
@@ -329,13 +337,16 @@ class Hutchinson(DivergenceEstimator):
             raise ValueError(f"unknown noise {noise!r}; expected 'rademacher' or 'gaussian'")
         if resample not in ("step", "solve", "call"):
             raise ValueError(f"unknown resample {resample!r}; expected 'step', 'solve' or 'call'")
-        self.probes, self.noise, self.resample = int(probes), noise, resample
+        check_basis(basis)  # resolved per sample shape, on first use
+        self.probes, self.noise, self.resample, self.basis = int(probes), noise, resample, basis
+        self._bases: dict[tuple[int, ...], Any] = {}
         self._generator: torch.Generator | None = None
         self._eps: Tensor | None = None
         self._last_d: Tensor | None = None  # e * (J e) of the previous one-probe call, float64 (B, D)
 
     def __repr__(self) -> str:
-        return f"Hutchinson(probes={self.probes}, noise={self.noise!r}, resample={self.resample!r}, mode={self.mode!r})"
+        basis = "" if self.basis == "auto" else f", basis={self.basis!r}"
+        return f"Hutchinson(probes={self.probes}, noise={self.noise!r}, resample={self.resample!r}, mode={self.mode!r}{basis})"
 
     def reset(self, generator: torch.Generator | None = None) -> None:
         self._generator, self._eps, self._last_d = generator, None, None
@@ -344,8 +355,15 @@ class Hutchinson(DivergenceEstimator):
         if self.resample == "step":
             self._eps = None
 
+    def basis_for(self, x: Tensor) -> Any:
+        """The probe basis for samples shaped like ``x[0]`` (the identity for Gaussian probes)."""
+        event = tuple(x.shape[1:])
+        if event not in self._bases:
+            self._bases[event] = resolve_basis("pixel" if self.noise == "gaussian" else self.basis, event)
+        return self._bases[event]
+
     def draw(self, x: Tensor) -> Tensor:
-        """Fresh probes of shape ``(probes, *x.shape)``."""
+        """Fresh probe coefficients of shape ``(probes, *x.shape)`` (in the probe basis)."""
         shape = (self.probes, *x.shape)
         gen = self._generator
         device = gen.device if gen is not None else x.device
@@ -358,16 +376,17 @@ class Hutchinson(DivergenceEstimator):
     def __call__(self, fn: Field, x: Tensor, nfe: NFE | None = None) -> tuple[Tensor, Tensor]:
         if self._eps is None or self._eps.shape[1:] != x.shape or self.resample == "call":
             self._eps = self.draw(x)
-        eps = self._eps
-        fx, jv, more = self._products(fn, x, eps, nfe)
+        r, basis = self._eps, self.basis_for(x)
+        fx, jv, more = self._products(fn, x, basis.synthesis(r), nfe)
         chained = self.probes == 1 and self.noise == "rademacher" and self.resample == "call"
         if chained and (self._last_d is None or self._last_d[0].shape != (x.shape[0], math.prod(x.shape[1:]))):
             # the first call of a solve: one more probe from the same linearisation, so that
             # its variance is estimable (and the next call has a predecessor)
             extra = self.draw(x)
-            eps, jv = torch.cat([eps, extra]), torch.cat([jv, more(extra)[1]])
+            r, jv = torch.cat([r, extra]), torch.cat([jv, more(basis.synthesis(extra))[1]])
             self._count(self.resolved_mode, 1, nfe)
-        d = (eps * jv).reshape(eps.shape[0], x.shape[0], -1).to(torch.float64)  # e_p * J e_p, (P, B, D)
+        # r_p * U^T J U r_p, (P, B, D): the terms of e^T J e in the probe basis
+        d = (r * basis.analysis(jv)).reshape(r.shape[0], x.shape[0], -1).to(torch.float64)
         quad = d.sum(-1)
         check_finite(quad, "a Jacobian product", fn, _NET_HINT)
         fro = jv.reshape(d.shape).to(torch.float64).square().sum(-1).mean(0)  # mean_p |J e_p|^2, (B,)

@@ -239,7 +239,7 @@ def _meet_target(res, target, max_probes, model, x, divergence, est, steps, solv
         bad = (res.stderr > target).nonzero().flatten()
         need = float((res.stderr[bad] / target).square().max())
         probes = min(max_probes, max(2 * probes, math.ceil(probes * need)))
-        more = make_divergence(divergence, probes) if isinstance(divergence, str) else Hutchinson(probes, noise=est.noise, resample=est.resample, mode=est.mode)
+        more = make_divergence(divergence, probes) if isinstance(divergence, str) else Hutchinson(probes, noise=est.noise, resample=est.resample, mode=est.mode, basis=est.basis)
         r2 = _solve(model, x[bad], more, steps, solver, grid, generator, prior_logp, rtol, atol, cond)
         w1, w2 = 1 / res.stderr[bad].square(), 1 / r2.stderr.square()
         for name in ("logp", "delta_logp"):

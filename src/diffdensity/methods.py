@@ -34,13 +34,14 @@ from torch import Tensor
 from . import _validation as v
 from .divergence import DivergenceEstimator
 from .dynamics import PFODE, CustomODE, CustomSDE, Dynamics, HDODE, ReverseSDE, SDEDynamics
-from .models import NFE, Model
+from .models import NFE, Model, is_learned
 from .schedules import Schedule
 
 if TYPE_CHECKING:
     from .sampling import SampleResult
 
-__all__ = ["METHODS", "Method", "MethodContext", "Option", "Phase", "Plan", "REQUIRED", "register_method", "resolve_options"]
+__all__ = ["METHODS", "Method", "MethodContext", "Option", "Phase", "Plan", "REQUIRED", "register_method", "resolve_options",
+           "DEFAULT_ODE_SOLVERS", "DEFAULT_GRIDS", "default_ode_solver", "default_grid"]
 
 
 class _Required:
@@ -276,3 +277,37 @@ register_method(
     default_steps=64,
     description="a user ODE (docs/math.md s.3b) or SDE with G = phi I (s.3d)",
 )
+
+
+DEFAULT_ODE_SOLVERS = {"network": "exp-heun", "exact": "heun"}
+"""Default solver of deterministic phases, by the kind of model (measured, docs/sampling.md):
+a learned network (a model that declares its ``network``) gets Heun in the variables that
+make the PF-ODE's linear part exact (:mod:`diffdensity.expint`), whose tracked log p stays
+close to the density of the sample it produces at few steps (median gap 6 nats against
+77 for Heun on the bundled model at 32 steps); an exact or closed-form score gets plain
+Heun, second order in ``t`` (5 nats against 12 for the exponential solver on the D = 3072
+mixture at 64 steps)."""
+
+
+def default_ode_solver(model: Any) -> str:
+    """The default ODE solver for ``model`` (see :data:`DEFAULT_ODE_SOLVERS`)."""
+    return DEFAULT_ODE_SOLVERS["network" if is_learned(model) else "exact"]
+
+
+DEFAULT_GRIDS = {"network": "tapered", "exact": "log_snr", "stochastic": "log_snr"}
+"""Default time grid, by the kind of model and of dynamics (measured, docs/sampling.md): a
+learned network sampled by ODEs gets logSNR steps that shrink towards the data end, where
+its density sharpens and a step's error costs many nats (PF-ODE on the bundled model at 32
+steps, 24 samples: median / max gap to the re-encoded density 4.8 / 17.8 nats against
+9.4 / 40.3 uniform in logSNR); a plan with a stochastic phase keeps uniform logSNR steps,
+whose error sits where the tapered grid is coarser (a custom SDE with Euler-Maruyama:
+14.9 / 48.5 against 63.6 / 102.7 tapered), and so does an exact score, where exponential
+Heun's error sits mid-schedule (30.6 tapered against 29.8 at 32 steps, 11.5 against 8.9 at
+64, on the D = 3072 mixture)."""
+
+
+def default_grid(model: Any, phases: list | None = None) -> str:
+    """The default time grid of :func:`sample` for ``model`` and a plan's ``phases`` (see :data:`DEFAULT_GRIDS`)."""
+    if not is_learned(model):
+        return DEFAULT_GRIDS["exact"]
+    return DEFAULT_GRIDS["stochastic" if any(p.stochastic for p in phases or []) else "network"]

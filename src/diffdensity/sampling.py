@@ -23,29 +23,14 @@ from . import _validation as v
 from . import guidance  # noqa: F401  (importing it registers the guidance methods)
 from .divergence import DivergenceEstimator, make_divergence
 from .dynamics import Dynamics
-from .methods import METHODS, MethodContext, Phase, Plan, resolve_options
-from .models import NFE, Model, is_learned, placement
+from .methods import METHODS, MethodContext, Phase, Plan, default_grid, default_ode_solver, resolve_options
+from .models import NFE, Model, placement
 from .schedules import GRIDS
 from .expint import ODE_SOLVERS, integrate_ode
 from .sde import SCHEMES, check_scheme, sdeint
 from .solvers import StepInfo
 
 __all__ = ["sample", "SampleResult", "METHODS"]
-
-DEFAULT_ODE_SOLVERS = {"network": "exp-heun", "exact": "heun"}
-"""Default solver of deterministic phases, by the kind of model (measured, docs/sampling.md):
-a learned network (a model that declares its ``network``) gets Heun in the variables that
-make the PF-ODE's linear part exact (:mod:`diffdensity.expint`), whose tracked log p stays
-close to the density of the sample it produces at few steps (median gap 6 nats against
-77 for Heun on the bundled model at 32 steps); an exact or closed-form score gets plain
-Heun, second order in ``t`` (5 nats against 12 for the exponential solver on the D = 3072
-mixture at 64 steps)."""
-
-
-def default_ode_solver(model: Any) -> str:
-    """The default ODE solver for ``model`` (see :data:`DEFAULT_ODE_SOLVERS`)."""
-    return DEFAULT_ODE_SOLVERS["network" if is_learned(model) else "exact"]
-
 
 @dataclass
 class SampleResult:
@@ -253,7 +238,7 @@ def sample(
     method: str = "pf-ode",
     steps: int | None = None,
     solver: str | None = None,
-    grid: str = "log_snr",
+    grid: str | None = None,
     track_logp: bool = True,
     generator: torch.Generator | None = None,
     callback: Callable[[StepInfo], None] | None = None,
@@ -287,19 +272,19 @@ def sample(
             ``"tweedie"`` for exact scores, ``"ancestral"``,
             ``"euler-maruyama"``; each dynamics says which it supports). One name: it
             applies to the phases of its kind, the others keep their default.
-        grid: ``"log_snr"``, ``"tapered"``, ``"uniform"`` or ``"karras"`` (``Schedule.time_grid``).
+        grid: ``"log_snr"``, ``"tapered"``, ``"uniform"`` or ``"karras"`` (``Schedule.time_grid``); default
+            ``"tapered"`` for ODE methods on learned networks, else ``"log_snr"`` (``methods.DEFAULT_GRIDS``).
         track_logp: carry the log-density (``False``: plain sampling, same ``x``).
         generator: the only source of randomness (latents, Brownian increments and,
             through a seed drawn from it, Hutchinson probes): same seed, same result,
             with or without tracking.
         callback: called with a :class:`~diffdensity.solvers.StepInfo` after every step.
         model_kwargs: conditioning passed to ``model.score``.
-        divergence, probes: estimator of ``div s`` for dynamics that need it when
-            tracking (``"hutchinson"`` with ``probes`` Rademacher probes, ``"exact"``,
-            or an estimator instance).
+        divergence, probes: estimator of ``div s`` for dynamics that need it when tracking
+            (``"hutchinson"``: ``probes`` Rademacher probes per evaluation, in the image DCT
+            basis for images; ``"exact"``; or an estimator instance).
         prior_logp: ``log p_{t_max}`` of the latents (default the Gaussian prior).
-        dtype, device: of the drawn latents (default: the model's parameters, else
-            float32 on the CPU).
+        dtype, device: of the drawn latents (default: the model's, else float32 on the CPU).
 
     Returns:
         :class:`SampleResult` with ``.x``, ``.logp`` (float64 ``(B,)`` or ``None``),
@@ -311,7 +296,7 @@ def sample(
     spec = METHODS[method]
     options = resolve_options(spec, method_options)
     steps = spec.default_steps if steps is None else v.check_positive_int(steps, "steps")
-    v.check_choice(grid, "grid", GRIDS)
+    v.check_choice(grid, "grid", (None, *GRIDS))
     v.check_positive_int(probes, "probes")
     if not isinstance(track_logp, bool):
         raise TypeError(f"track_logp must be a bool, got {type(track_logp).__name__}")
@@ -373,6 +358,7 @@ def _run_plan(plan: Plan, ctx: MethodContext, *, method, steps, grid, solver, pr
         raise RuntimeError(f"method {method!r}: phase ends {ends} must decrease from t_max to t_min={sched.t_min:g}")
     x = x_T if plan.x_T is None else v.check_x(plan.x_T, model, name="x_T from the method")
     solvers = _resolve_solver(solver, plan.phases, method, default_ode_solver(model))
+    grid = grid or default_grid(model, plan.phases)
     pieces = _split_grid(sched.time_grid(steps, spacing=grid), ends)
 
     lp0 = None

@@ -83,8 +83,8 @@ def register(sub) -> argparse.ArgumentParser:
     s.add_argument("--method", choices=method_names(), default="pf-ode", help="sampling method")
     s.add_argument("--steps", type=positive_int, default=None, help="solver steps (default: the method's, as in the Python API)")
     s.add_argument("--solver", choices=solver_names(), default=None, help="ODE solver or stochastic scheme (default: the method's)")
-    s.add_argument("--grid", choices=GRIDS, default="log_snr",
-                   help="time grid of the steps ('tapered': logSNR steps shrinking towards the data end)")
+    s.add_argument("--grid", choices=GRIDS, default=None,
+                   help="time grid of the steps (default: the model's, as in the API: 'tapered', logSNR steps shrinking towards the data end, for learned networks; 'log_snr' for exact scores)")
     s.add_argument("--q", type=quantile, default=None, help="quantile for density / prior guidance")
     s.add_argument("--log-snr-threshold", type=finite_float, default=None, help=f"logSNR switch point of the high-density sampler (default for hd: {hd_default()}, as in the API)")
     s.add_argument("--target-logp", type=finite_float, default=None, help="density guidance: wanted log p_0 in nats (instead of --q)")

@@ -23,8 +23,8 @@ class PerSampleHutchinson(Hutchinson):
     depend on the batch composition, the batch size or the number of processes.
     """
 
-    def __init__(self, probes: int = 1, *, noise: str = "rademacher", mode: str = "auto"):
-        super().__init__(probes, noise=noise, resample="call", mode=mode)
+    def __init__(self, probes: int = 1, *, noise: str = "rademacher", mode: str = "auto", basis="auto"):
+        super().__init__(probes, noise=noise, resample="call", mode=mode, basis=basis)
         self.keys: Tensor | None = None
         self._draws = 0
 
