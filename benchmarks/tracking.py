@@ -434,7 +434,7 @@ def section_steps(n: int, figure: Path | None) -> None:
     model = dd.load_pretrained("patches16")
     sched = model.schedule
     x_T = sched.prior_sample((n, *model.event_shape), generator=torch.Generator().manual_seed(5))
-    runs = [("pf-ode, heun", dict(method="pf-ode", solver="heun")), ("pf-ode, exp-heun", dict(method="pf-ode", solver="exp-heun")),
+    runs = [("pf-ode, heun", dict(method="pf-ode", solver="heun", grid="log_snr")), ("pf-ode, exp-heun", dict(method="pf-ode", solver="exp-heun", grid="log_snr")),
             ("sde, tweedie", dict(method="sde", solver="tweedie")), ("sde, tweedie-jvp", dict(method="sde", solver="tweedie-jvp"))]  # fmt: skip
     print(f"5. Gap tracked - re-encoded along the trajectory, bundled model, {n} samples, 32 steps (re-encoding: Heun, 2x finer grid, 2 probes)")
     out = []

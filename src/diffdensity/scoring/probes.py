@@ -29,7 +29,8 @@ class PerSampleHutchinson(Hutchinson):
         self._draws = 0
 
     def __repr__(self) -> str:
-        return f"PerSampleHutchinson(probes={self.probes}, noise={self.noise!r}, mode={self.mode!r})"
+        basis = "" if self.basis == "auto" else f", basis={self.basis!r}"
+        return f"PerSampleHutchinson(probes={self.probes}, noise={self.noise!r}, mode={self.mode!r}{basis})"
 
     def bind(self, keys: Tensor) -> None:
         """Use ``keys`` ``(B, 2)`` for the samples of the next solve."""

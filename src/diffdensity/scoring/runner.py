@@ -151,7 +151,8 @@ def _settings(model, *, steps, solver, grid, divergence, probes, noise, draws, s
     if amp_dtype not in (None, torch.bfloat16, torch.float16):
         raise ValueError(f"amp must be False, True, torch.bfloat16 or torch.float16, got {amp!r}")
     settings = dict(
-        steps=steps, solver=solver, grid=grid, divergence=divergence, probes=probes, probes_fresh="every call", noise=noise,
+        steps=steps, solver=solver, grid=grid, divergence=divergence, probes=probes, probes_fresh="every call",
+        probe_basis="image DCT with opponent colours for (C, H, W) inputs, pixels otherwise", noise=noise,
         draws=draws, seed=seed, dtype=str(dtype).replace("torch.", ""), amp=None if amp_dtype is None else str(amp_dtype).replace("torch.", ""),
     )  # fmt: skip
     return settings, amp_dtype
