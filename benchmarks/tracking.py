@@ -95,6 +95,7 @@ def error_rows(gmm: dd.GaussianMixture, quick: bool) -> list[tuple[str, dict]]:
         ("pf-ode  exp-heun 32, 1 probe", dict(method="pf-ode", solver="exp-heun", steps=32)),
         ("pf-ode  exp-heun 64, tapered", dict(method="pf-ode", solver="exp-heun", steps=64, grid="tapered")),
         ("pf-ode  exp-heun 32, tapered", dict(method="pf-ode", solver="exp-heun", steps=32, grid="tapered")),
+        ("pf-ode  exp-2m 63, 1 probe", dict(method="pf-ode", solver="exp-2m", steps=63)),
         ("sde  tweedie-jvp 32, tapered", dict(method="sde", solver="tweedie-jvp", steps=32, grid="tapered")),
         ("hd (thr 2)  heun 64, 1 probe", dict(method="hd", log_snr_threshold=2.0, steps=64)),
         ("hd (thr 2, sde start)  64/tweedie", dict(method="hd", log_snr_threshold=2.0, start="sde", steps=64)),
@@ -303,6 +304,7 @@ def model_rows(schedule) -> list[tuple[str, dict]]:
     return [
         ("pf-ode", dict(method="pf-ode", solver="exp-heun")),
         ("pf-ode, uniform logSNR grid", dict(method="pf-ode", solver="exp-heun", grid="log_snr")),
+        ("pf-ode, exp-2m 63 steps (64 passes)", dict(method="pf-ode", solver="exp-2m", steps=63)),
         ("pf-ode, uniform logSNR, pixel probes (before)", dict(method="pf-ode", solver="exp-heun", grid="log_snr", divergence=dd.Hutchinson(1, basis="pixel"))),
         ("sde", dict(method="sde")),
         ("sde 64 steps", dict(method="sde", steps=64)),
@@ -312,6 +314,7 @@ def model_rows(schedule) -> list[tuple[str, dict]]:
         ("sde, noise until logSNR 0, then pf-ode", dict(method="sde", noise_until=0.0)),
         ("density-guidance q=0.5", dict(method="density-guidance", q=0.5, solver="exp-heun")),
         ("density-guidance q=0.5, uniform logSNR grid", dict(method="density-guidance", q=0.5, solver="exp-heun", grid="log_snr")),
+        ("density-guidance q=0.5, exp-2m 63 steps", dict(method="density-guidance", q=0.5, solver="exp-2m", steps=63)),
         ("density-guidance q=0.8", dict(method="density-guidance", q=0.8, solver="exp-heun")),
         ("hd (threshold 2)", dict(method="hd", log_snr_threshold=2.0, solver="exp-heun")),
         ("prior-guidance q=0.5", dict(method="prior-guidance", q=0.5, solver="exp-heun")),

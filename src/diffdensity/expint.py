@@ -27,6 +27,10 @@ name                   step                                      passes per step
 =====================  ========================================  ==============
 ``"exp-euler"``        ``y' = y + dmu F(t, x)`` (DDIM)           1
 ``"exp-heun"``         trapezoid in ``mu`` (2nd order)           2
+``"exp-2m"``           two-step: ``F`` linear in lambda through   1 (+1 at the end
+                       this and the last point (DPM-Solver++      when tracking)
+                       2M); ``log p`` by the trapezoid rule over
+                       the visited points
 =====================  ========================================  ==============
 """
 
@@ -42,8 +46,10 @@ from .solvers import TABLEAUX, Solution, StepInfo, odeint
 
 __all__ = ["EXPONENTIAL_SOLVERS", "ODE_SOLVERS", "exp_odeint", "exp_step", "integrate_ode"]
 
-EXPONENTIAL_SOLVERS = ("exp-heun", "exp-euler")
+EXPONENTIAL_SOLVERS = ("exp-heun", "exp-2m", "exp-euler")
 """Fixed-step ODE solvers in the ``(mu, y)`` variables (need the schedule)."""
+
+_ONE_STEP = ("exp-heun", "exp-euler")  # exp_step's: a multistep solver needs the previous point
 
 ODE_SOLVERS = (*EXPONENTIAL_SOLVERS, *TABLEAUX)
 """Every name :func:`integrate_ode` accepts: the exponential solvers, then the Runge-Kutta tableaux."""
@@ -112,9 +118,9 @@ def _step(func, schedule, method: str, t0: float, t1: float, x: Tensor, track: b
 
 
 def exp_step(func, schedule, t0: float, t1: float, x: Tensor, *, method: str = "exp-heun", track: bool = True):
-    """One step of an exponential solver from ``t0`` to ``t1``: ``(x', d logp or None, its variance or None)``."""
-    if method not in EXPONENTIAL_SOLVERS:
-        raise ValueError(f"unknown exponential solver {method!r}; expected one of {EXPONENTIAL_SOLVERS}")
+    """One step of a one-step exponential solver from ``t0`` to ``t1``: ``(x', d logp or None, its variance or None)``."""
+    if method not in _ONE_STEP:
+        raise ValueError(f"unknown one-step exponential solver {method!r}; expected one of {_ONE_STEP}")
     return _step(func, schedule, method, float(t0), float(t1), x, track)
 
 
@@ -152,6 +158,8 @@ def exp_odeint(
     var = None
     if callback is not None:
         callback(StepInfo(0, float(ts[0]), x, lp))
+    if method == "exp-2m":
+        return _multistep(func, schedule, x, ts, lp, path, callback, begin_step, log_density)
     for i in range(len(ts) - 1):
         if begin_step is not None:
             begin_step()
@@ -178,3 +186,50 @@ def integrate_ode(func, x: Tensor, ts: Tensor, *, method: str, schedule, fsal: b
     if method not in TABLEAUX:
         raise ValueError(f"unknown ODE solver {method!r}; expected one of {ODE_SOLVERS}")
     return odeint(func, x, ts, method=method, fsal=fsal, rtol=rtol, atol=atol, **kwargs)
+
+
+def _multistep(func, schedule, x: Tensor, ts: Tensor, lp, path: list, callback, begin_step, log_density: bool) -> Solution:
+    """``"exp-2m"``: one evaluation per step, ``F`` extrapolated linearly in lambda from the
+    last two points (the first step is exp-euler, as in DPM-Solver++ 2M); the log-density
+    rate is integrated by the trapezoid rule over the points the solver visits, so the
+    last point is evaluated once more when tracking. The rate at point ``k`` enters with
+    weight ``(lambda_{k+1} - lambda_{k-1}) / 2``, and its variance with that weight squared."""
+    dim = math.prod(x.shape[1:]) if log_density else 0
+    track, n = lp is not None, len(ts) - 1
+    lam = schedule.log_snr(ts.to(torch.float64)).tolist()
+    prev_f, last, var, var_ok = None, None, None, True
+    for i in range(n + 1):
+        if i == n and not track:
+            break
+        if begin_step is not None:
+            begin_step()
+        a = _Frame(schedule, float(ts[i]))
+        u, r, v = _eval(func, a.t, x)
+        if track:
+            rho = a.density_rate(r, dim)
+            rvar = None if v is None else (0.5 * a.mu / a.dmu) ** 2 * v
+            if rho.ndim == 2:  # per-probe rates: their spread
+                rvar = rho.var(0) / rho.shape[0] if rho.shape[0] > 1 else None
+                rho = rho.mean(0)
+            w = 0.5 * (lam[min(i + 1, n)] - lam[max(i - 1, 0)])
+            var_ok = var_ok and rvar is not None
+            var = (w * w * rvar if var is None else var + w * w * rvar) if var_ok else None
+            if last is not None:
+                lp = lp + 0.5 * (lam[i] - lam[i - 1]) * (last[0] + rho) - dim * math.log(a.sigma / last[1])
+                path.append(lp.clone())
+            last = (rho, a.sigma)
+        if i > 0 and callback is not None:
+            callback(StepInfo(i, a.t, x, lp))
+        if i == n:
+            break
+        b = _Frame(schedule, float(ts[i + 1]))
+        f = a.field(u, x)
+        y = x.to(torch.float64) / a.sigma + (b.mu - a.mu) * f
+        if prev_f is not None:  # F linear in lambda through the last two points, exact weights
+            h, h_last = lam[i + 1] - lam[i], lam[i] - lam[i - 1]
+            y = y + (h * b.mu - 2 * (b.mu - a.mu)) * (f - prev_f) / h_last
+        prev_f = f
+        x = (b.sigma * y).to(x.dtype)
+    if not track and callback is not None:
+        callback(StepInfo(n, float(ts[-1]), x, None))
+    return Solution(x=x, logp=lp, ts=ts.clone(), logp_path=torch.stack(path) if path else None, steps=n, logp_var=var)
