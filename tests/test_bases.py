@@ -132,3 +132,19 @@ def test_tracking_in_the_basis_is_exact_for_a_gaussian_diagonal_in_it():
         assert float((pixel.logp - exact.logp).abs().max()) > 0.1
         assert float(pixel.logp_stderr.min()) > 1.0
         assert float(dct.logp_stderr.max()) < (1e-5 if probes == 2 else 0.2 * float(pixel.logp_stderr.min()))
+
+
+def test_half_precision_probes_are_transformed_in_float32():
+    """Probes for a float16 / bfloat16 network come back in its dtype; the analysis of its
+    products is done in float32, so the rounding of a half-precision transform does not
+    enter the estimate."""
+    basis = ImageDCT(SHAPE)
+    r = torch.randint(0, 2, (2, *SHAPE), generator=gen(11)).to(torch.bfloat16) * 2 - 1
+    e = basis.synthesis(r)
+    assert e.dtype == torch.bfloat16
+    exact = basis.synthesis(r.to(F64))
+    assert float((e.to(F64) - exact).abs().max()) < 1e-2 * float(exact.abs().max())
+    assert basis.analysis(e).dtype == torch.float32
+    est = dd.Hutchinson(1)
+    assert isinstance(est.basis_for(torch.zeros(1, *SHAPE, dtype=torch.bfloat16)), Pixel)  # auto: +-1 probes are exact
+    assert isinstance(est.basis_for(torch.zeros(1, *SHAPE)), ImageDCT)

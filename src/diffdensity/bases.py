@@ -86,18 +86,20 @@ class ImageDCT:
         return f"ImageDCT({self.event_shape})"
 
     def _apply(self, v: Tensor, transpose: bool) -> Tensor:
+        """In float32 at least (half-precision transforms would bias the estimate by their rounding)."""
+        dtype = v.dtype if v.dtype in (torch.float32, torch.float64) else torch.float32
         h, w = v.shape[-2:]
-        mh, mw = _dct(h, v.dtype, str(v.device)), _dct(w, v.dtype, str(v.device))
+        mh, mw = _dct(h, dtype, str(v.device)), _dct(w, dtype, str(v.device))
         if transpose:
             mh, mw = mh.T, mw.T
-        out = mh @ v @ mw.T
+        out = mh @ v.to(dtype) @ mw.T
         if self.colour:
-            o = _opponent(v.dtype, str(v.device))
+            o = _opponent(dtype, str(v.device))
             out = torch.einsum("dc,...chw->...dhw", o.T if transpose else o, out)
         return out
 
     def synthesis(self, r: Tensor) -> Tensor:
-        return self._apply(r, transpose=True)
+        return self._apply(r, transpose=True).to(r.dtype)
 
     def analysis(self, v: Tensor) -> Tensor:
         return self._apply(v, transpose=False)

@@ -322,7 +322,7 @@ class Hutchinson(DivergenceEstimator):
     image DCT for image-shaped samples ``(C, H, W)``, where a denoiser's Jacobian is close
     to diagonal (1.6-10x less variance on the bundled model), and pixels otherwise;
     ``"pixel"``, ``"dct"`` or a basis object choose. Gaussian probes are rotation
-    invariant and ignore it.
+    invariant and ignore it; ``"auto"`` keeps pixels for half-precision samples.
 
     ``last_var`` after a call estimates the variance of the returned mean (see
     :meth:`_variance`); with one Rademacher probe it needs a second, independent probe,
@@ -356,11 +356,14 @@ class Hutchinson(DivergenceEstimator):
             self._eps = None
 
     def basis_for(self, x: Tensor) -> Any:
-        """The probe basis for samples shaped like ``x[0]`` (the identity for Gaussian probes)."""
-        event = tuple(x.shape[1:])
-        if event not in self._bases:
-            self._bases[event] = resolve_basis("pixel" if self.noise == "gaussian" else self.basis, event)
-        return self._bases[event]
+        """The probe basis for samples like ``x``: the identity for Gaussian probes, and under
+        ``"auto"`` for half-precision samples too (a rotated probe rounded to 8 bits of
+        mantissa would no longer have ``E[e e^T] = I``; +-1 entries are exact)."""
+        key = (tuple(x.shape[1:]), x.dtype)
+        if key not in self._bases:
+            half = self.basis == "auto" and x.dtype not in (torch.float32, torch.float64)
+            self._bases[key] = resolve_basis("pixel" if self.noise == "gaussian" or half else self.basis, key[0])
+        return self._bases[key]
 
     def draw(self, x: Tensor) -> Tensor:
         """Fresh probe coefficients of shape ``(probes, *x.shape)`` (in the probe basis)."""
