@@ -442,16 +442,18 @@ def test_fresh_probes_at_every_stage_halve_the_tracked_variance():
     assert ratio < 0.75, ratio
 
 
-def test_too_few_steps_for_the_tracked_log_density_warn():
-    """HD-ODE from logSNR -10 on a D = 64 mixture: 4 steps are ~10^5 nats off, 32 within 1 nat."""
+@pytest.mark.parametrize("solver, fine_steps", [(None, 32), ("exp-2m", 63)])
+def test_too_few_steps_for_the_tracked_log_density_warn(solver, fine_steps):
+    """HD-ODE from logSNR -10 on a D = 64 mixture: 4 steps are ~10^5 nats off, 32 within 1 nat
+    (one-evaluation exp-2m steps: the spread between consecutive evaluations, 63 steps)."""
     g = mixture(64, k=4, std_range=(0.05, 1.0))
     x_T = g.schedule.prior_sample((4, 64), generator=gen(2), dtype=F64)
     with pytest.warns(RuntimeWarning, match="4 steps do not resolve the tracked log-density"):
-        coarse = sample(g, x_T=x_T, method="hd", log_snr_threshold=-10.0, steps=4, divergence="exact")
+        coarse = sample(g, x_T=x_T, method="hd", log_snr_threshold=-10.0, steps=4, solver=solver, divergence="exact")
     assert (coarse.logp - g.log_prob(coarse.x, g.schedule.t_min)).abs().max() > 100
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        fine = sample(g, x_T=x_T, method="hd", log_snr_threshold=-10.0, steps=32, divergence="exact")
+        fine = sample(g, x_T=x_T, method="hd", log_snr_threshold=-10.0, steps=fine_steps, solver=solver, divergence="exact")
     assert (fine.logp - g.log_prob(fine.x, g.schedule.t_min)).abs().max() < 2
 
 

@@ -163,7 +163,8 @@ class _StageSpread:
 
     Within a step, the solver's stages evaluate the log-density rate at several times;
     ``sum over steps of |t_last - t_first| / 2 * |r_last - r_first|`` is the local-error
-    estimate of the first-order (Euler) solution embedded in any multi-stage step. It
+    estimate of the first-order (Euler) solution embedded in any multi-stage step (for a
+    one-evaluation step, between it and the previous step's evaluation). It
     overestimates the error of the solver itself (it is zero only for a rate constant over
     each step), but it grows without bound when the steps do not resolve the dynamics:
     above half a nat per dimension the tracked value is not to be trusted, and sampling
@@ -174,6 +175,7 @@ class _StageSpread:
     def __init__(self, func: Callable, begin_step: Callable[[], None]):
         self.func, self._begin_step = func, begin_step
         self.stages: list[tuple[float, Tensor]] = []
+        self._last: tuple[float, Tensor] | None = None
         self.total: Tensor | None = None
 
     def __call__(self, t: Tensor, x: Tensor):
@@ -184,10 +186,13 @@ class _StageSpread:
         return out
 
     def _close_step(self) -> None:
-        if len(self.stages) >= 2:
-            (t0, r0), (t1, r1) = self.stages[0], self.stages[-1]
+        # a one-evaluation (multistep) step compares its evaluation with the previous step's
+        pair = self.stages if len(self.stages) >= 2 else ([self._last, *self.stages] if self._last and self.stages else [])
+        if pair:
+            (t0, r0), (t1, r1) = pair[0], pair[-1]
             spread = 0.5 * abs(t1 - t0) * (r1 - r0).abs()
             self.total = spread if self.total is None else self.total + spread
+        self._last = self.stages[-1] if self.stages else self._last
         self.stages = []
 
     def begin_step(self) -> None:
