@@ -320,7 +320,7 @@ class Hutchinson(DivergenceEstimator):
     ``basis``: the orthonormal basis ``U`` of the probes ``e = U r``, where ``r`` are the
     drawn coefficients (:mod:`diffdensity.bases`). ``"auto"`` (the default) takes the
     image DCT for image-shaped samples ``(C, H, W)``, where a denoiser's Jacobian is close
-    to diagonal (1.6-10x less variance on the bundled model), and pixels otherwise;
+    to diagonal (1.5-10x less variance on the bundled model), and pixels otherwise;
     ``"pixel"``, ``"dct"`` or a basis object choose. Gaussian probes are rotation
     invariant and ignore it; ``"auto"`` keeps pixels for half-precision samples.
 

@@ -196,14 +196,13 @@ def _multistep(func, schedule, x: Tensor, ts: Tensor, lp, path: list, callback, 
     weight ``(lambda_{k+1} - lambda_{k-1}) / 2``, and its variance with that weight squared."""
     dim = math.prod(x.shape[1:]) if log_density else 0
     track, n = lp is not None, len(ts) - 1
-    lam = schedule.log_snr(ts.to(torch.float64)).tolist()
-    prev_f, last, var, var_ok = None, None, None, True
-    for i in range(n + 1):
-        if i == n and not track:
-            break
+    frames = [_Frame(schedule, float(t)) for t in ts]
+    lam = [fr.lam for fr in frames]
+    prev_f, last_rho, var_terms = None, None, []
+    for i in range(n + 1 if track else n):
         if begin_step is not None:
             begin_step()
-        a = _Frame(schedule, float(ts[i]))
+        a = frames[i]
         u, r, v = _eval(func, a.t, x)
         if track:
             rho = a.density_rate(r, dim)
@@ -212,17 +211,16 @@ def _multistep(func, schedule, x: Tensor, ts: Tensor, lp, path: list, callback, 
                 rvar = rho.var(0) / rho.shape[0] if rho.shape[0] > 1 else None
                 rho = rho.mean(0)
             w = 0.5 * (lam[min(i + 1, n)] - lam[max(i - 1, 0)])
-            var_ok = var_ok and rvar is not None
-            var = (w * w * rvar if var is None else var + w * w * rvar) if var_ok else None
-            if last is not None:
-                lp = lp + 0.5 * (lam[i] - lam[i - 1]) * (last[0] + rho) - dim * math.log(a.sigma / last[1])
+            var_terms.append(None if rvar is None else w * w * rvar)
+            if last_rho is not None:
+                lp = lp + 0.5 * (lam[i] - lam[i - 1]) * (last_rho + rho) - dim * math.log(a.sigma / frames[i - 1].sigma)
                 path.append(lp.clone())
-            last = (rho, a.sigma)
+            last_rho = rho
         if i > 0 and callback is not None:
             callback(StepInfo(i, a.t, x, lp))
         if i == n:
             break
-        b = _Frame(schedule, float(ts[i + 1]))
+        b = frames[i + 1]
         f = a.field(u, x)
         y = x.to(torch.float64) / a.sigma + (b.mu - a.mu) * f
         if prev_f is not None:  # F linear in lambda through the last two points, exact weights
@@ -232,4 +230,5 @@ def _multistep(func, schedule, x: Tensor, ts: Tensor, lp, path: list, callback, 
         x = (b.sigma * y).to(x.dtype)
     if not track and callback is not None:
         callback(StepInfo(n, float(ts[-1]), x, None))
+    var = sum(var_terms) if var_terms and all(t is not None for t in var_terms) else None
     return Solution(x=x, logp=lp, ts=ts.clone(), logp_path=torch.stack(path) if path else None, steps=n, logp_var=var)

@@ -187,12 +187,13 @@ class _StageSpread:
 
     def _close_step(self) -> None:
         # a one-evaluation (multistep) step compares its evaluation with the previous step's
-        pair = self.stages if len(self.stages) >= 2 else ([self._last, *self.stages] if self._last and self.stages else [])
-        if pair:
-            (t0, r0), (t1, r1) = pair[0], pair[-1]
+        stages = self.stages if len(self.stages) != 1 or self._last is None else [self._last, *self.stages]
+        if len(stages) >= 2:
+            (t0, r0), (t1, r1) = stages[0], stages[-1]
             spread = 0.5 * abs(t1 - t0) * (r1 - r0).abs()
             self.total = spread if self.total is None else self.total + spread
-        self._last = self.stages[-1] if self.stages else self._last
+        if self.stages:
+            self._last = self.stages[-1]
         self.stages = []
 
     def begin_step(self) -> None:
