@@ -373,3 +373,19 @@ def test_sample_sde_noise_until_switches_to_the_pf_ode(tmp_path):
     assert main(["sample", "--model", "gmm:mix64", "-n", "2", "--steps", "8", "--method", "sde", "--noise-until", "2", "--out", str(out)]) == 0
     assert json.loads((out / "samples.json").read_text())["settings"]["noise_until"] == 2.0
     assert main(["sample", "--model", "gmm:mix64", "-n", "2", "--method", "pf-ode", "--noise-until", "2", "--out", str(tmp_path / "u")]) == 2
+
+
+def test_sample_probe_basis(tmp_path, capsys):
+    """Image samples take DCT probes by default; --probe-basis pixel changes the estimate, not the samples."""
+    runs = {}
+    for basis in ("auto", "dct", "pixel"):
+        out = tmp_path / basis
+        assert main(["sample", "--model", "gmm:image16", "-n", "3", "--steps", "4", "--probe-basis", basis, "--out", str(out)]) == 0
+        runs[basis] = rows(out / "samples.csv")
+    logp = {b: torch.tensor([float(r["logp_nats"]) for r in t]) for b, t in runs.items()}
+    assert torch.allclose(logp["auto"], logp["dct"], rtol=1e-6) and (logp["auto"] - logp["pixel"]).abs().min() > 1e-3
+    assert json.loads((tmp_path / "pixel" / "samples.json").read_text())["settings"]["probe_basis"] == "pixel"
+    assert (tmp_path / "auto" / "grid.png").read_bytes() == (tmp_path / "pixel" / "grid.png").read_bytes()
+    capsys.readouterr()
+    assert main(["sample", "--model", "gmm:image16", "-n", "1", "--steps", "2", "--method", "sde", "--probe-basis", "pixel", "--out", str(tmp_path / "sde")]) == 0
+    assert "--probe-basis pixel is ignored by --method sde" in capsys.readouterr().err

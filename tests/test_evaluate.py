@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import json
 import math
 import os
 import signal
@@ -273,6 +274,20 @@ def test_changed_settings_refuse_to_resume(model, images, reference, tmp_path):
         score_dataset(model, images, tmp_path / "foreign.csv", **OPTS)
 
 
+def test_probe_basis_is_a_setting(model, images, reference, tmp_path):
+    """Pixel probes are another estimate (refused on a DCT file); "dct" is what "auto" takes for images (resumed)."""
+    out = tmp_path / "reference.csv"  # the reference's file, scored with the default ("auto")
+    again = score_dataset(model, images, out, probe_basis="dct", **OPTS)
+    assert again.computed == 0 and again.resumed == N_IMAGES
+    with pytest.raises(ValueError, match="probe_basis"):
+        score_dataset(model, images, out, probe_basis="pixel", **OPTS)
+    pixel = score_dataset(model, images, tmp_path / "pixel.csv", probe_basis="pixel", **OPTS)
+    assert pixel.settings["probe_basis"] == "pixels"
+    assert all(r["logp_nats"] != p["logp_nats"] for r, p in zip(reference, pixel.rows))
+    with pytest.raises(ValueError, match="probe_basis"):
+        score_dataset(model, images, tmp_path / "a.csv", probe_basis="fourier", **OPTS)
+
+
 def test_new_files_in_the_folder_are_scored_on_rerun(model, images, tmp_path):
     out = tmp_path / "grow.csv"
     score_dataset(model, images, out, **OPTS)
@@ -351,6 +366,10 @@ def test_cli_logp(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
     sub = _parser()._subparsers._group_actions[0].choices["logp"].format_help()
+    pixel = tmp_path / "pixel.csv"
+    assert cli_main([*argv, "--probe-basis", "pixel", "--out", str(pixel)]) == 1
+    assert json.loads(pixel.with_name("pixel.csv.meta.json").read_text())["settings"]["probe_basis"] == "pixels"
+    assert [r["logp_nats"] for r in read_csv(pixel)][2:] != [r["logp_nats"] for r in rows[2:]]
     assert "examples:" in sub and "torchrun" in sub and "(default: 24)" in sub and "{euler,heun,midpoint,rk4}" in sub
     for bad in (["--steps", "0"], ["--solver", "dopri5"], ["--seed", "-3"], ["--batch-size", "x"]):
         with pytest.raises(SystemExit):

@@ -132,15 +132,14 @@ class _TangentPFODE(Dynamics):
             return du, None
         # div_y (J_s(y) v) by Hutchinson, all probes in one nested product on a (P * B) batch
         r = self.divergence.draw(x)
-        basis = self.divergence.basis_for(x)
-        e = basis.synthesis(r)
+        e = self.divergence.basis_for(x).synthesis(r)
         p = e.shape[0]
         reps = (p,) + (1,) * (x.ndim - 1)
         v_rep = vt.repeat(reps)
         jvp_fn = lambda y: jacobian_vector_product(fn, y, v_rep, mode=self.mode)[1]  # noqa: E731
         _, hv, _ = jacobian_vector_product(jvp_fn, x.repeat(reps), e.reshape(-1, *x.shape[1:]), mode=self.mode)
         self.nfe.jvp += 2 * p
-        div_jv = (r * basis.analysis(hv.reshape(e.shape))).reshape(p, x.shape[0], -1).to(torch.float64).sum(-1)
+        div_jv = self.divergence.terms(r, hv.reshape(e.shape), x).sum(-1)
         rate = 0.5 * sv.g2 * div_jv
         return du, (rate if p > 1 else rate[0])
 

@@ -376,6 +376,11 @@ class Hutchinson(DivergenceEstimator):
             e = torch.randint(0, 2, shape, generator=gen, device=device).to(x.dtype) * 2 - 1
         return e.to(x.device)
 
+    def terms(self, r: Tensor, jv: Tensor, x: Tensor) -> Tensor:
+        """``d = r * U^T (J e)``, float64 ``(P, B, D)``, for coefficients ``r`` and products ``jv = J U r``
+        ``(P, *x.shape)``: ``d.sum(-1)`` are the probes' estimates ``e^T J e``."""
+        return (r * self.basis_for(x).analysis(jv)).reshape(r.shape[0], x.shape[0], -1).to(torch.float64)
+
     def __call__(self, fn: Field, x: Tensor, nfe: NFE | None = None) -> tuple[Tensor, Tensor]:
         if self._eps is None or self._eps.shape[1:] != x.shape or self.resample == "call":
             self._eps = self.draw(x)
@@ -388,8 +393,7 @@ class Hutchinson(DivergenceEstimator):
             extra = self.draw(x)
             r, jv = torch.cat([r, extra]), torch.cat([jv, more(basis.synthesis(extra))[1]])
             self._count(self.resolved_mode, 1, nfe)
-        # r_p * U^T J U r_p, (P, B, D): the terms of e^T J e in the probe basis
-        d = (r * basis.analysis(jv)).reshape(r.shape[0], x.shape[0], -1).to(torch.float64)
+        d = self.terms(r, jv, x)
         quad = d.sum(-1)
         check_finite(quad, "a Jacobian product", fn, _NET_HINT)
         fro = jv.reshape(d.shape).to(torch.float64).square().sum(-1).mean(0)  # mean_p |J e_p|^2, (B,)
@@ -436,8 +440,10 @@ class Hutchinson(DivergenceEstimator):
         return 2 * (fro - scale * (last_d * d[0]).sum(-1)).clamp_min(0)
 
 
-def make_divergence(divergence: str | DivergenceEstimator, probes: int = 1, *, solver: str | None = None) -> DivergenceEstimator:
+def make_divergence(divergence: str | DivergenceEstimator, probes: int = 1, *, solver: str | None = None, basis: Any = "auto") -> DivergenceEstimator:
     """``"exact"``, ``"hutchinson"`` or an estimator instance -> an estimator.
+
+    ``probes`` and the probe ``basis`` (:class:`Hutchinson`) apply to ``"hutchinson"``.
 
     Hutchinson probes are fresh at every call, except for an adaptive ``solver`` that
     controls the tracked log-density: its embedded error estimate compares the stages of
@@ -449,7 +455,7 @@ def make_divergence(divergence: str | DivergenceEstimator, probes: int = 1, *, s
     if divergence == "exact":
         return Exact()
     if divergence == "hutchinson":
-        return Hutchinson(probes, resample="step" if is_adaptive(solver) else "call")
+        return Hutchinson(probes, resample="step" if is_adaptive(solver) else "call", basis=basis)
     raise ValueError(f"unknown divergence {divergence!r}; expected 'exact', 'hutchinson' or an estimator")
 
 

@@ -75,6 +75,7 @@ def solver_names() -> list[str]:
 
 
 def register(sub) -> argparse.ArgumentParser:
+    from ..bases import BASES
     from ..schedules import GRIDS
 
     s = sub.add_parser("sample", help=HELP, description=DESCRIPTION, formatter_class=HelpFormatter, epilog=EPILOG)
@@ -96,6 +97,8 @@ def register(sub) -> argparse.ArgumentParser:
     s.add_argument("--no-track", action="store_true", help="do not track the log-density")
     s.add_argument("--probes", type=positive_int, default=DEFAULT_PROBES,
                    help="Hutchinson probes per network evaluation for tracking, fresh at each (one network pass serves them all)")
+    s.add_argument("--probe-basis", choices=BASES, default="auto",
+                   help="basis of the Rademacher probes: 'auto' (the image DCT with opponent colours for images, where a denoiser's Jacobian is nearly diagonal), 'pixel' or 'dct'")
     s.add_argument("--check", type=positive_int, default=None, metavar="N",
                    help="re-encode the first N samples with the PF-ODE and report the gap to their tracked log-density")
     s.add_argument("--out", default="out/samples", help="output folder (PNG files, grid.png and samples.csv)")
@@ -140,15 +143,17 @@ def check_ignored(args: argparse.Namespace) -> None:
         raise CliError("--check compares tracked log-densities: drop --no-track", 2)
     if args.check is not None and args.check > args.n:
         raise CliError(f"--check {args.check} exceeds -n {args.n}; re-encode at most -n samples", 2)
-    if args.probes != DEFAULT_PROBES and args.no_track:
-        warn("sample", f"--probes {args.probes} is ignored with --no-track (nothing is tracked)")
-    elif args.probes != DEFAULT_PROBES and args.method == "sde":
-        warn("sample", f"--probes {args.probes} is ignored by --method sde (its log-density needs no divergence estimate)")
+    for flag, value, default in (("--probes", args.probes, DEFAULT_PROBES), ("--probe-basis", args.probe_basis, "auto")):
+        if value != default and args.no_track:
+            warn("sample", f"{flag} {value} is ignored with --no-track (nothing is tracked)")
+        elif value != default and args.method == "sde":
+            warn("sample", f"{flag} {value} is ignored by --method sde (its log-density needs no divergence estimate)")
 
 
 def run(args: argparse.Namespace) -> int:
     import time
 
+    from ..divergence import make_divergence
     from ..sampling import sample
     from ..solvers import is_adaptive
     from .progress import run_with_progress
@@ -163,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     x_T = latents(model, shape, args.n, args.seed, args.device)
     t0 = time.perf_counter()
     res = run_with_progress(sample, args.method, steps, adaptive=is_adaptive(args.solver), model=model, x_T=x_T, method=args.method, track_logp=not args.no_track,
-                            probes=args.probes, grid=args.grid, generator=generator(args.seed + 1), **opts)
+                            divergence=make_divergence("hutchinson", args.probes, solver=args.solver, basis=args.probe_basis), grid=args.grid, generator=generator(args.seed + 1), **opts)
     seconds = time.perf_counter() - t0
     names = write_images(out, res.x, shape)
     report = None

@@ -29,13 +29,13 @@ __all__ = ["Scorer", "Scored", "Batches", "Prefetch"]
 class Scorer:
     """Log-densities of a batch of 8-bit images: dequantise, then one PF-ODE solve (docs/math.md s.3a, s.7)."""
 
-    def __init__(self, model, event_shape, *, steps, solver, grid, divergence, probes, noise, draws, seed, dtype, ad_mode):
+    def __init__(self, model, event_shape, *, steps, solver, grid, divergence, probes, noise, basis, draws, seed, dtype, ad_mode):
         self.model, self.event_shape = model, tuple(event_shape)
         self.dim = math.prod(event_shape)
         self.steps, self.solver, self.grid = steps, solver, grid
         self.draws, self.seed, self.dtype = draws, seed, dtype
         hutchinson = divergence != "exact"
-        self.est = PerSampleHutchinson(probes, noise=noise, mode=ad_mode) if hutchinson else Exact(mode=ad_mode)
+        self.est = PerSampleHutchinson(probes, noise=noise, mode=ad_mode, basis=basis) if hutchinson else Exact(mode=ad_mode)
         self.rows_per_image = draws * (probes if hutchinson else 1)
 
     def __call__(self, images: Tensor, ids: Tensor) -> Scored:

@@ -29,6 +29,15 @@ from .shards import PartWriter, ShardedCSV
 
 __all__ = ["score_dataset", "FIXED_SOLVERS"]
 FIXED_SOLVERS = tuple(name for name, tab in TABLEAUX.items() if not tab.adaptive)
+#: ``probe_basis`` choices and how the settings record them. Scored inputs are images, for
+#: which ``"auto"`` is the DCT, so the two share one record: the one results files have
+#: carried since probes were rotated (they resume).
+_DCT_RECORD = "image DCT with opponent colours for (C, H, W) inputs, pixels otherwise"
+PROBE_BASES = {"auto": _DCT_RECORD, "dct": _DCT_RECORD, "pixel": "pixels"}
+
+
+def _basis_name(record: str) -> str:
+    return next(name for name, text in PROBE_BASES.items() if text == record)
 
 
 def score_dataset(
@@ -42,6 +51,7 @@ def score_dataset(
     divergence: str = "hutchinson",
     probes: int = DEFAULT_PROBES,
     noise: str = "rademacher",
+    probe_basis: str = "auto",
     draws: int = 1,
     seed: int = 0,
     batch_size: int | None = None,
@@ -73,10 +83,9 @@ def score_dataset(
             holds the per-rank rows while a job runs; earlier results are resumed.
         steps, solver, grid: the fixed-step PF-ODE solve (``euler``, ``heun``, ``midpoint``, ``rk4``;
             default the likelihood defaults, RK4 with 24 logSNR steps).
-        divergence: ``"hutchinson"`` (``probes`` probes, ``noise`` ``"rademacher"`` or
-            ``"gaussian"``, fresh every step) or ``"exact"`` (D Jacobian products).
-        draws: dequantisation draws per input; ``logp`` is their average.
-        seed: with each sample's key, determines all noise (dequantisation and probes).
+        divergence, probe_basis: ``"hutchinson"`` (``probes`` probes, ``noise`` ``"rademacher"`` or ``"gaussian"``, fresh
+            every step, in the ``probe_basis`` ``"auto"`` = ``"dct"`` or ``"pixel"``, :mod:`diffdensity.bases`) or ``"exact"``.
+        draws: dequantisation draws per input (``logp`` is their average). seed: with each sample's key, determines all noise.
         batch_size: inputs per batch; ``None`` sizes batches to the free memory.
         device: ``None``/``"auto"``, ``"cpu"``, ``"cuda"`` (``cuda:LOCAL_RANK``) or a device.
         dtype: dtype of the network input (log-densities accumulate in float64).
@@ -98,8 +107,8 @@ def score_dataset(
     """
     batch_size = None if batch_size is None else v.check_positive_int(batch_size, "batch_size")
     settings, amp_dtype = _settings(
-        model, steps=steps, solver=solver, grid=grid, divergence=divergence, probes=probes, noise=noise, draws=draws,
-        seed=seed, dtype=dtype, amp=amp, ad_mode=ad_mode,
+        model, steps=steps, solver=solver, grid=grid, divergence=divergence, probes=probes, noise=noise, probe_basis=probe_basis,
+        draws=draws, seed=seed, dtype=dtype, amp=amp, ad_mode=ad_mode,
     )  # fmt: skip
     decode = _decoder(preprocess, data, settings)
     pg = ProcessGroup.join(device)
@@ -128,7 +137,7 @@ def _decoder(preprocess: Any, data: Any, settings: dict) -> Callable:
     return preprocess.decode
 
 
-def _settings(model, *, steps, solver, grid, divergence, probes, noise, draws, seed, dtype, amp, ad_mode):
+def _settings(model, *, steps, solver, grid, divergence, probes, noise, probe_basis, draws, seed, dtype, amp, ad_mode):
     """Check the options; the settings recorded with the results, and the autocast dtype (or ``None``)."""
     v.check_model(model)
     steps = v.check_positive_int(steps, "steps")
@@ -140,6 +149,7 @@ def _settings(model, *, steps, solver, grid, divergence, probes, noise, draws, s
     v.check_choice(divergence, "divergence", ("hutchinson", "exact"))
     probes = v.check_positive_int(probes, "probes")
     v.check_choice(noise, "noise", ("rademacher", "gaussian"))
+    v.check_choice(probe_basis, "probe_basis", tuple(PROBE_BASES))
     draws = v.check_positive_int(draws, "draws")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
@@ -152,7 +162,7 @@ def _settings(model, *, steps, solver, grid, divergence, probes, noise, draws, s
         raise ValueError(f"amp must be False, True, torch.bfloat16 or torch.float16, got {amp!r}")
     settings = dict(
         steps=steps, solver=solver, grid=grid, divergence=divergence, probes=probes, probes_fresh="every call",
-        probe_basis="image DCT with opponent colours for (C, H, W) inputs, pixels otherwise", noise=noise,
+        probe_basis=PROBE_BASES[probe_basis], noise=noise,
         draws=draws, seed=seed, dtype=str(dtype).replace("torch.", ""), amp=None if amp_dtype is None else str(amp_dtype).replace("torch.", ""),
     )  # fmt: skip
     return settings, amp_dtype
@@ -230,7 +240,7 @@ def _evaluate(
         scorer = Scorer(
             prepare_model(model, pg.device, amp=amp, compile=compile), source.event_shape,
             steps=settings["steps"], solver=settings["solver"], grid=settings["grid"], divergence=settings["divergence"],
-            probes=settings["probes"], noise=settings["noise"], draws=settings["draws"], seed=settings["seed"], dtype=dtype,
+            probes=settings["probes"], noise=settings["noise"], basis=_basis_name(settings["probe_basis"]), draws=settings["draws"], seed=settings["seed"], dtype=dtype,
             ad_mode=ad_mode,
         )  # fmt: skip
         batches = Batches(scorer, pg.device, batch_size=batch_size, n_todo=len(mine), local_world=pg.local_world_size, compile=compile)
