@@ -389,3 +389,6 @@ def test_sample_probe_basis(tmp_path, capsys):
     capsys.readouterr()
     assert main(["sample", "--model", "gmm:image16", "-n", "1", "--steps", "2", "--method", "sde", "--probe-basis", "pixel", "--out", str(tmp_path / "sde")]) == 0
     assert "--probe-basis pixel is ignored by --method sde" in capsys.readouterr().err
+    tail = ["--method", "sde", "--noise-until", "2", "--probes", "1", "--probe-basis", "pixel", "--out", str(tmp_path / "until")]
+    assert main(["sample", "--model", "gmm:image16", "-n", "1", "--steps", "4", *tail]) == 0
+    assert "ignored" not in capsys.readouterr().err  # the PF-ODE after logSNR 2 uses both

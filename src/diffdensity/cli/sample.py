@@ -146,7 +146,7 @@ def check_ignored(args: argparse.Namespace) -> None:
     for flag, value, default in (("--probes", args.probes, DEFAULT_PROBES), ("--probe-basis", args.probe_basis, "auto")):
         if value != default and args.no_track:
             warn("sample", f"{flag} {value} is ignored with --no-track (nothing is tracked)")
-        elif value != default and args.method == "sde":
+        elif value != default and args.method == "sde" and args.noise_until is None:  # its PF-ODE tail does use them
             warn("sample", f"{flag} {value} is ignored by --method sde (its log-density needs no divergence estimate)")
 
 
